@@ -1,0 +1,1 @@
+"""Config, data pipeline, training loop, evaluation, logging, checkpoints and sweeps."""

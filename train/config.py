@@ -1,0 +1,322 @@
+"""Run configuration: a typed schema, YAML files that extend each other, `dotted.key=value` overrides.
+
+Loading order: the file's `extends` chain (base first) is merged with OmegaConf, then the command-line overrides
+(values parsed as YAML scalars), then everything is validated by pydantic against `RunConfig`. Any problem becomes a
+one-line `ConfigError` naming the key and the file (or "command line") and what is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from model.config import FFNConfig, MiniMindConfig
+from train.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(_Section):
+    vocab_size: int = 4096
+    path: Optional[str] = None  # an existing tokenizer.json; null = train a byte-level BPE on the training split
+    special_tokens: list[str] = ["<|endoftext|>"]  # the first one is the end-of-document (EOS) token
+    min_frequency: int = 2
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenizerConfig":
+        if not self.special_tokens:
+            raise ValueError("data.tokenizer.special_tokens needs at least the end-of-document token")
+        if self.path is None and self.vocab_size < 256 + len(self.special_tokens):
+            raise ValueError(f"data.tokenizer.vocab_size={self.vocab_size} is too small: a byte-level BPE needs at least "
+                             f"256 byte tokens + {len(self.special_tokens)} special tokens")
+        return self
+
+
+class DataConfig(_Section):
+    corpus: Literal["shakespeare", "hf", "local"] = "shakespeare"
+    path: Optional[str] = None  # local: a file, a glob, or a `save_to_disk` directory
+    format: Literal["auto", "text", "json", "parquet", "disk"] = "auto"  # local: how to read `path`
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    split: str = "train"
+    val_split: Optional[str] = None  # hf/local: a separate validation split; null = hold out val_fraction of docs
+    val_fraction: float = 0.05
+    val_plays: Optional[list[str]] = None  # shakespeare: held-out plays; null = the built-in choice
+    text_column: str = "text"
+    streaming: bool = False
+    max_documents: Optional[int] = None
+    max_bytes: Optional[int] = None
+    cache_dir: str = "data"
+    num_proc: Optional[int] = None  # tokenisation processes; null = automatic
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.corpus == "hf" and not self.hf_name:
+            raise ValueError("data.hf_name is required when data.corpus is 'hf' (e.g. roneneldan/TinyStories)")
+        if self.corpus == "local" and not self.path:
+            raise ValueError("data.path is required when data.corpus is 'local' (a file, glob or save_to_disk dir)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        for key in ("max_documents", "max_bytes", "num_proc"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"data.{key} must be a positive integer or null, got {value}")
+        return self
+
+
+class TrainConfig(_Section):
+    out_dir: Optional[str] = None  # default runs/<name>
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    compile: bool = False
+    num_threads: Optional[int] = None  # CPU intra-op threads; null = torch's default
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: Optional[int] = 1000
+    max_tokens: Optional[int] = None  # when set, takes precedence over max_steps
+    lr: float = 3.0e-3
+    min_lr: float = 3.0e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    grad_clip: float = 1.0  # 0 disables
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_tokens: Optional[int] = 131072  # null = the whole validation split
+    ckpt_interval: int = 200
+    keep_last: int = 2
+    resume: Literal["auto", "true", "false"] = "auto"
+    nan_policy: Literal["stop", "skip"] = "stop"
+    sample_prompts: list[str] = ["ROMEO:", "To be, or not to be"]
+    sample_max_new_tokens: int = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_resume(cls, data: Any) -> Any:
+        # YAML reads `resume: false` as a bool; the schema keeps the three-way choice as strings.
+        if isinstance(data, dict) and isinstance(data.get("resume"), bool):
+            data = {**data, "resume": "true" if data["resume"] else "false"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        positive = ["micro_batch_size", "grad_accum", "log_interval", "eval_interval", "ckpt_interval", "keep_last",
+                    "sample_max_new_tokens"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set a budget: train.max_steps or train.max_tokens")
+        for key in ("max_steps", "max_tokens", "eval_tokens", "num_threads"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"train.{key} must be > 0 or null, got {value}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
+        return self
+
+
+class WandbConfig(_Section):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "minimind-ffn"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = []
+    notes: Optional[str] = None
+
+
+class RunConfig(_Section):
+    name: Optional[str] = None  # run name; default derived from the FFN variant and seed
+    model: MiniMindConfig = MiniMindConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{ffn_label(self.model.ffn)}-s{self.train.seed}"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.train.out_dir) if self.train.out_dir else Path("runs") / self.run_name
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def ffn_label(ffn: FFNConfig) -> str:
+    if ffn.type == "none":
+        return "noffn"
+    if ffn.type == "moe":
+        shared = f"+{ffn.n_shared_experts}s" if ffn.n_shared_experts else ""
+        return f"moe{ffn.n_experts}x{ffn.top_k}{shared}-{ffn.expert_type}-{ffn.expert_activation}"
+    return f"{ffn.type}-{ffn.activation}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+_KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def read_yaml(path: Path) -> dict:
+    """One YAML file as a mapping (safe loader); errors name the file and, for syntax errors, the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e.__class__.__name__}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"YAML syntax error in {path}{where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"YAML error in {path}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[Any, list[Path]]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"'extends' cycle: {chain}")
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    files = [path]
+    if parent is None:
+        base = OmegaConf.create({})
+    else:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: 'extends' must be a file path, got {parent!r}")
+        parent_path = (path.parent / parent)
+        if not parent_path.exists():
+            raise ConfigError(f"{path}: extended file not found: {parent_path}")
+        base, parent_files = _load_chain(parent_path, (*seen, path))
+        files = parent_files + files
+    try:
+        return OmegaConf.merge(base, OmegaConf.create(data)), files
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: cannot merge onto {parent}: {_one_line(str(e))}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`dotted.key=value` -> (key, value); the value is parsed as a YAML scalar/flow value, never evaluated."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY_RE.match(key):
+        raise ConfigError(f"malformed override '{text}': expected dotted.key=value, e.g. model.ffn.type=moe")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': cannot parse the value '{raw}' as YAML") from None
+    return key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Resolve a config file (with its `extends` chain) plus CLI overrides into a validated `RunConfig`."""
+    if path is None:
+        merged, files = OmegaConf.create({}), []
+    else:
+        merged, files = _load_chain(Path(path), ())
+    override_keys = []
+    for text in overrides:
+        key, value = parse_override(text)
+        override_keys.append(key)
+        try:
+            OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{text}': {_one_line(str(e))}") from None
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: cannot resolve interpolation: {_one_line(str(e))}") from None
+    source = str(files[-1]) if files else "defaults"
+    return validate_config(data, source=source, override_keys=override_keys)
+
+
+def validate_config(data: dict, source: str = "config", override_keys: list[str] = ()) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, data, source, list(override_keys))) from None
+    except ValueError as e:  # raised by a dataclass __post_init__ outside pydantic's wrapping
+        raise ConfigError(f"{_one_line(str(e))} ({source})") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _schema_keys(loc: tuple) -> list[str]:
+    """Valid keys of the section at `loc` (for 'did you mean')."""
+    node: Any = RunConfig
+    for part in loc:
+        fields = _fields_of(node)
+        if part not in fields:
+            return []
+        node = fields[part]
+    return list(_fields_of(node))
+
+
+def _fields_of(node: Any) -> dict:
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return {k: f.annotation for k, f in node.model_fields.items()}
+    if dataclasses.is_dataclass(node):
+        hints = {f.name: f.type for f in dataclasses.fields(node)}
+        return {k: {"ffn": FFNConfig}.get(k, v) for k, v in hints.items()}
+    return {}
+
+
+def _explain(err: ValidationError, data: dict, source: str, override_keys: list[str]) -> str:
+    first = err.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    key = ".".join(loc)
+    if any(key == k or key.startswith(k + ".") for k in override_keys):
+        where = "command line"
+    elif any(k.startswith(key + ".") for k in override_keys):
+        where = f"{source} with command-line overrides"
+    else:
+        where = source
+    kind = first["type"]
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        if any(k.startswith(key + ".") for k in override_keys):
+            where = "command line"
+        valid = _schema_keys(loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+        return f"unknown key '{key}' ({where}){hint}"
+    if kind == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        return f"{key}: invalid choice {first['input']!r} ({where}); valid: {expected.replace(' or ', ', ')}"
+    if kind in ("value_error", "assertion_error"):
+        msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return f"{_one_line(msg)} ({where})"
+    value = first.get("input")
+    shown = f"{value!r}" if not isinstance(value, dict) else "a mapping"
+    return f"{key}: {first['msg'].lower()}, got {shown} ({where})"
