@@ -44,7 +44,10 @@ class TokenizerConfig(_Section):
 class DataConfig(_Section):
     corpus: Literal["shakespeare", "hf", "local"] = "shakespeare"
     path: Optional[str] = None  # local: a file, a glob, or a `save_to_disk` directory
+    val_path: Optional[str] = None  # local files: validation file(s); null = val_split or hold out val_fraction
     format: Literal["auto", "text", "json", "parquet", "disk"] = "auto"  # local: how to read `path`
+    # local text files: one document per file, per blank-line-separated paragraph, or per line
+    sample_by: Literal["document", "paragraph", "line"] = "document"
     hf_name: Optional[str] = None
     hf_config: Optional[str] = None
     split: str = "train"
@@ -65,6 +68,10 @@ class DataConfig(_Section):
             raise ValueError("data.hf_name is required when data.corpus is 'hf' (e.g. roneneldan/TinyStories)")
         if self.corpus == "local" and not self.path:
             raise ValueError("data.path is required when data.corpus is 'local' (a file, glob or save_to_disk dir)")
+        if self.val_path is not None and self.val_split is not None:
+            raise ValueError("set only one of data.val_path (local files) and data.val_split (a named split)")
+        if not self.cache_dir:
+            raise ValueError("data.cache_dir must be a directory path, got an empty string")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         for key in ("max_documents", "max_bytes", "num_proc"):
@@ -78,7 +85,9 @@ class TrainConfig(_Section):
     out_dir: Optional[str] = None  # default runs/<name>
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    # autocast precision (weights stay fp32). auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX),
+    # else fp32 (bf16 matmuls are emulated and ~10x slower on AVX2-only CPUs). fp16 (with a GradScaler) is CUDA-only.
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     compile: bool = False
     num_threads: Optional[int] = None  # CPU intra-op threads; null = torch's default
     micro_batch_size: int = 16
@@ -103,6 +112,9 @@ class TrainConfig(_Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     sample_prompts: list[str] = ["ROMEO:", "To be, or not to be"]
     sample_max_new_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: Optional[int] = 50
+    peak_flops: Optional[float] = None  # FLOP/s that MFU is measured against; null = a quick matmul benchmark at start
 
     @model_validator(mode="before")
     @classmethod
@@ -121,12 +133,14 @@ class TrainConfig(_Section):
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("set a budget: train.max_steps or train.max_tokens")
-        for key in ("max_steps", "max_tokens", "eval_tokens", "num_threads"):
+        for key in ("max_steps", "max_tokens", "eval_tokens", "num_threads", "sample_top_k", "peak_flops"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"train.{key} must be > 0 or null, got {value}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.sample_temperature < 0:
+            raise ValueError(f"train.sample_temperature must be >= 0 (0 = greedy), got {self.sample_temperature}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
         return self
@@ -139,6 +153,14 @@ class WandbConfig(_Section):
     group: Optional[str] = None
     tags: list[str] = []
     notes: Optional[str] = None
+    name: Optional[str] = None  # wandb run name; null = the run name
+    init_timeout: float = 30.0  # seconds wandb.init may take before the run falls back to offline logging
+
+    @model_validator(mode="after")
+    def _check(self) -> "WandbConfig":
+        if self.init_timeout <= 0:
+            raise ValueError(f"wandb.init_timeout must be > 0, got {self.init_timeout}")
+        return self
 
 
 class RunConfig(_Section):
