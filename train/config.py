@@ -110,6 +110,9 @@ class TrainConfig(_Section):
     keep_last: int = 2
     resume: Literal["auto", "true", "false"] = "auto"
     nan_policy: Literal["stop", "skip"] = "stop"
+    # Stop after this step as if interrupted (checkpoint, exit 130), the schedule still following the full budget:
+    # for time-boxed jobs (re-run to continue) and resume tests. null = run to the end.
+    stop_at_step: Optional[int] = None
     sample_prompts: list[str] = ["ROMEO:", "To be, or not to be"]
     sample_max_new_tokens: int = 64
     sample_temperature: float = 0.8
@@ -133,7 +136,8 @@ class TrainConfig(_Section):
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("set a budget: train.max_steps or train.max_tokens")
-        for key in ("max_steps", "max_tokens", "eval_tokens", "num_threads", "sample_top_k", "peak_flops"):
+        for key in ("max_steps", "max_tokens", "eval_tokens", "num_threads", "sample_top_k", "peak_flops",
+                    "stop_at_step"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"train.{key} must be > 0 or null, got {value}")

@@ -1,0 +1,395 @@
+"""Checkpoints: atomic save, verified safe load, exact-resume state, the run-directory lock, `load_run`.
+
+Layout of a run directory:
+    config.yaml, tokenizer.json, metrics.jsonl, samples.json, samples.md
+    model.safetensors, state.pt        hard links to (or copies of) the latest checkpoint's files, for tools
+    checkpoints/step_000200/           one complete checkpoint:
+        model.safetensors              fp32 weights (tied weights stored once, aliases in the metadata)
+        state.pt                       training state: tensors and primitive containers only (weights_only-loadable)
+        manifest.json                  step, resolved config, size + sha256 of the two files above
+    .lock                              fcntl lock held by the training process
+
+A checkpoint is written into `checkpoints/.tmp-...`, fsynced, its manifest written last, then renamed into place, so
+a directory named `step_*` is always complete; a kill at any moment leaves at worst a stale temp directory. Loading
+verifies sizes and hashes and falls back to the previous checkpoint when one is damaged. Nothing here unpickles
+arbitrary objects: weights come from safetensors, state from `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from train.errors import CheckpointError
+
+CKPT_SUBDIR = "checkpoints"
+WEIGHTS, STATE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small file helpers
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a whole file via temp + rename; on failure the old file is intact and CheckpointError names the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_bytes(tmp, data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {_cause(e)}") from None
+    _fsync_dir(path.parent)
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
+
+def weights_to_bytes(model: torch.nn.Module, metadata: Optional[dict] = None) -> bytes:
+    """The model's state dict as safetensors bytes (fp32 params as they are). Tied tensors are stored once; the
+    metadata key `aliases` (JSON) maps each dropped name to the stored one."""
+    from safetensors.torch import save
+
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    meta = {"format": "pt", "aliases": json.dumps(aliases)}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    return save(tensors, metadata=meta)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file written by `weights_to_bytes` (or any file with the model's names) into `model`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        aliases = json.loads(meta.get("aliases", "{}"))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read weights {path}: {_cause(e)}") from None
+    for name, target in aliases.items():
+        if target in tensors:
+            tensors[name] = tensors[target]
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"weights in {path} do not fit the model: {' '.join(first[:2])[:300]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG state (as tensors and ints so that state.pt stays weights_only-loadable)
+
+def capture_rng() -> dict:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_SUBDIR / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Directories named step_N under run_dir/checkpoints, oldest first (completeness is checked by `verify`)."""
+    root = Path(run_dir) / CKPT_SUBDIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, config: dict,
+                    keep_last: int) -> Path:
+    """Write checkpoint `step` atomically, point the top-level files at it, keep the newest `keep_last`.
+
+    Any failure to write leaves every existing checkpoint untouched and raises CheckpointError(path, cause).
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CKPT_SUBDIR
+    final = checkpoint_path(run_dir, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        weights = weights_to_bytes(model, {"step": step})
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        state_bytes = buf.getvalue()
+        manifest = {"format": 1, "step": step, "created": time.time(), "config": config,
+                    "files": {WEIGHTS: {"size": len(weights), "sha256": _sha256(weights)},
+                              STATE: {"size": len(state_bytes), "sha256": _sha256(state_bytes)}}}
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_bytes(tmp / WEIGHTS, weights)
+        _write_bytes(tmp / STATE, state_bytes)
+        _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: marks the files complete
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # same step again (e.g. interrupted right after a resume): swap, never delete first
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {_cause(e)}") from None
+    for name in (WEIGHTS, STATE):
+        _publish(final / name, run_dir / name)
+    _prune(run_dir, step, keep_last)
+    return final
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Atomically make `dst` a hard link to (or, where links fail, a copy of) `src`."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {dst}: {_cause(e)}") from None
+
+
+def _prune(run_dir: Path, newest: int, keep_last: int) -> None:
+    """Keep the `keep_last` newest checkpoints up to `newest`. Ones above `newest` were passed over as unusable
+    when this run resumed, so they go too. Stale temp directories (from killed writers) are removed."""
+    root = Path(run_dir) / CKPT_SUBDIR
+    ckpts = list_checkpoints(run_dir)
+    older = [p for s, p in ckpts if s <= newest]
+    doomed = older[:-keep_last] + [p for s, p in ckpts if s > newest]
+    doomed += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Load
+
+def read_manifest(ckpt: Path) -> dict:
+    path = Path(ckpt) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} is incomplete: no {MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {_cause(e)}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint manifest")
+    return manifest
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Check every file against the sizes and hashes recorded at write time; returns the manifest."""
+    manifest = read_manifest(ckpt)
+    for name in (WEIGHTS, STATE):
+        info = manifest["files"].get(name)
+        path = Path(ckpt) / name
+        if info is None:
+            raise CheckpointError(f"{Path(ckpt) / MANIFEST} does not list {name}")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"{path} has {size} bytes, {info['size']} were written (truncated or replaced)")
+        if _sha256_file(path) != info["sha256"]:
+            raise CheckpointError(f"{path} does not match its recorded sha256 (damaged)")
+    return manifest
+
+
+def find_resumable(run_dir: Path, say: Callable[[str], None] = print) -> Optional[Path]:
+    """The newest checkpoint that verifies, saying which damaged ones were passed over; None when there are none.
+    Raises CheckpointError when checkpoints exist but none is usable."""
+    ckpts = list_checkpoints(run_dir)
+    problems = []
+    for _, path in reversed(ckpts):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            say(f"warning: checkpoint {path.name} is unusable: {e}")
+            continue
+        if problems:
+            say(f"falling back to the previous good checkpoint {path}")
+        return path
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CKPT_SUBDIR}: {problems[0]}")
+    return None
+
+
+def load_state(ckpt: Path) -> dict:
+    """The training state of a checkpoint; refuses anything but tensors and primitive containers."""
+    path = Path(ckpt) / STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        reason = _cause(e).split(". ")[0][:200]
+        raise CheckpointError(f"refusing to load {path}: not a plain tensor/primitive state file ({reason})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a training state file (no 'step')")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lock
+
+class RunLock:
+    """An exclusive fcntl lock on run_dir/.lock. The OS drops it when the holder dies, so a stale lock left by a
+    killed run never blocks the next one."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot create lock file {self.path}: {_cause(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(f"run directory {self.path.parent} is in use by another training process "
+                                  f"(pid {holder}); wait for it to finish or choose another train.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# For other scripts
+
+def load_run(run_dir: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, RunConfig) of a run directory: the newest verified checkpoint's weights, or
+    the top-level model.safetensors when the directory has no checkpoints (e.g. an exported run)."""
+    from model.model_minimind import MiniMindForCausalLM
+    from train.config import read_yaml, validate_config
+    from train.data import load_tokenizer
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    ckpt = find_resumable(run_dir, say=lambda msg: print(msg))
+    if ckpt is not None:
+        cfg = validate_config(read_manifest(ckpt)["config"], source=str(ckpt / MANIFEST))
+        weights = ckpt / WEIGHTS
+    else:
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{run_dir} is not a run directory: no config.yaml")
+        cfg = validate_config(read_yaml(cfg_path), source=str(cfg_path))
+        weights = run_dir / WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{run_dir} has no checkpoint and no {WEIGHTS}")
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"{run_dir} has no tokenizer.json")
+    tokenizer = load_tokenizer(tok_path)
+    if cfg.model.vocab_size is None:
+        raise CheckpointError(f"{run_dir}: config has no model.vocab_size")
+    model = MiniMindForCausalLM(cfg.model)
+    load_weights(model, weights)
+    return model.to(device).eval(), tokenizer, cfg

@@ -1,0 +1,459 @@
+"""The training loop: `train(cfg) -> dict`.
+
+One optimizer step = `grad_accum` micro-batches of `micro_batch_size` sequences of `model.max_seq_len` tokens; under
+torchrun each of the W ranks runs grad_accum / W of them on its own part of the batch, so the global batch never
+depends on the number of processes. Training minimises loss + aux_loss (MoE balancing terms, coefficients already
+applied) under autocast with fp32 master weights (see train/optim.py for AdamW groups and the schedule).
+
+Exact resume: the batch of step s is a pure function of (seed, s), the learning rate a function of s, and a checkpoint
+holds weights, optimizer state, RNG states and the open logging window, so stopping after step N and resuming
+reproduces the uninterrupted run bit for bit on CPU (same machine and thread count).
+
+Shapes: x_BT / y_BT are (batch, time) token ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from train import checkpoint as ck
+from train.config import RunConfig
+from train.errors import CheckpointError, ConfigError, UserError
+from train.optim import build_optimizer, lr_at, plan_budget
+from train.runtime import Runtime, StopRequest, measure_peak_flops, setup_runtime
+from train.tracking import MetricsLog, WandbTracker, read_metrics, start_summary, warn, write_samples
+
+# What a run directory may hold; other files in a directory without a checkpoint mean it is not ours to reuse.
+RUN_FILES = {"config.yaml", "tokenizer.json", "metrics.jsonl", "samples.json", "samples.md", ck.WEIGHTS, ck.STATE,
+             ck.CKPT_SUBDIR, "wandb", ".lock"}
+# Model keys that may change on resume: they change neither the shapes nor the meaning of the weights.
+RESUMABLE_MODEL_KEYS = {"dropout", "init_std"}
+
+
+class TrainingDiverged(UserError):
+    """Non-finite loss or gradient norm with train.nan_policy=stop."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM: a checkpoint was written at the step boundary; `str(e)` says where."""
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train (or resume) the run described by `cfg`; returns the final metrics (val_loss, val_bpb, tokens, ...)."""
+    rt = setup_runtime(cfg.train.device, cfg.train.dtype, cfg.train.num_threads)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, rt)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close(failed=sys.exc_info()[0] is not None)
+        rt.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directory and config rules
+
+def open_run_dir(cfg: RunConfig) -> tuple[ck.RunLock, Optional[Path]]:
+    """Apply the resume rules to cfg.out_dir, lock it, and return the checkpoint to resume from (None: fresh)."""
+    run_dir, mode = cfg.out_dir, cfg.train.resume
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.out_dir {run_dir} is a file, not a directory")
+    contents = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") if run_dir.is_dir() else []
+    if mode == "false" and contents:
+        raise ConfigError(f"run directory {run_dir} is not empty and train.resume=false: choose another "
+                          f"train.out_dir (or name), or use train.resume=auto to continue it")
+    if mode == "true" and not ck.list_checkpoints(run_dir):
+        raise CheckpointError(f"train.resume=true but {run_dir} has no checkpoint to resume from")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    lock = ck.RunLock(run_dir).acquire()
+    try:
+        found = ck.find_resumable(run_dir, say=print)
+        foreign = [name for name in contents if name not in RUN_FILES]
+        if found is None and foreign:
+            raise ConfigError(f"run directory {run_dir} holds other files ({', '.join(foreign[:3])}) and no "
+                              f"checkpoint; choose another train.out_dir")
+    except BaseException:
+        lock.release()
+        raise
+    return lock, found
+
+
+def _first_difference(old: dict, new: dict, prefix: str) -> Optional[tuple[str, object, object]]:
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}.{key}")
+            if found:
+                return found
+        elif a != b and key not in RESUMABLE_MODEL_KEYS:
+            return f"{prefix}.{key}", a, b
+    return None
+
+
+def check_same_model(ckpt: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a checkpoint whose resolved model section differs from `cfg`'s, naming the first key."""
+    old = ck.read_manifest(ckpt).get("config", {}).get("model", {})
+    diff = _first_difference(old, cfg.to_dict()["model"], "model")
+    if diff:
+        key, was, now = diff
+        raise ConfigError(f"{key}={now!r} differs from the checkpoint in {ckpt.parent.parent} ({key}={was!r}); a "
+                          f"run's model cannot change on resume: use its settings or a new train.out_dir")
+
+
+def resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    if cfg.model.vocab_size is None:
+        return cfg.model_copy(update={"model": dataclasses.replace(cfg.model, vocab_size=vocab_size)})
+    if cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({vocab_size}); set it to >= {vocab_size} or null")
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, rt: Runtime):
+        from model.model_minimind import MiniMindForCausalLM
+        from train.data import TrainBatches, prepare_data, val_batches
+
+        t = cfg.train
+        if t.grad_accum % rt.world_size:
+            raise ConfigError(f"train.grad_accum={t.grad_accum} must be divisible by the number of processes "
+                              f"({rt.world_size}) so that the global batch stays the same")
+        self.rt, self.run_dir = rt, cfg.out_dir
+        self.say = print if rt.is_main else (lambda *a, **k: None)
+        self.lock = self.tracker = self.metrics = None
+        found = rt.on_main(lambda: self._open(cfg))
+        ckpt = Path(found) if found else None
+        self.prepared = rt.main_first(lambda: prepare_data(cfg.data, progress=rt.is_main))
+        self.cfg = cfg = resolve_vocab(cfg, self.prepared.vocab_size)
+        self.config_dict = cfg.to_dict()
+        if ckpt is not None:
+            check_same_model(ckpt, cfg)
+        self.seq_len = cfg.model.max_seq_len
+        self.max_steps, self.tokens_per_step = plan_budget(t, self.seq_len)
+        self.local_accum = t.grad_accum // rt.world_size
+
+        seed_everything(t.seed)
+        self.model = MiniMindForCausalLM(cfg.model).to(rt.device)
+        self.is_moe = bool(self.model.moe_layers())
+        self.optimizer = build_optimizer(self.model, t)
+        self.scaler = torch.amp.GradScaler("cuda") if rt.dtype == "fp16" else None
+        self.ddp_model = self.model
+        if rt.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.ddp_model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                                 find_unused_parameters=self.is_moe)  # an expert may get no tokens in a micro-batch
+        self.step_model = torch.compile(self.ddp_model) if t.compile else self.ddp_model
+        self.batches = TrainBatches(self.prepared.train_path, self.prepared.dtype, self.seq_len, t.micro_batch_size,
+                                    self.local_accum, t.seed, rt.rank, rt.world_size)
+        self.val = val_batches(self.prepared, self.seq_len, t.micro_batch_size, t.eval_tokens)
+
+        self.step, self.elapsed, self.wandb_id = 0, 0.0, None
+        self.meter = self._new_meter()
+        self.saved_step, self.saved_path = -1, None
+        self.eval_step, self.last_val, self.last_loss = -1, {}, None
+        if ckpt is not None:
+            self._restore(ckpt)
+        rt.on_main(self._write_run_files)
+
+    def _open(self, cfg: RunConfig) -> Optional[str]:
+        self.lock, found = open_run_dir(cfg)
+        return str(found) if found else None
+
+    def _restore(self, ckpt: Path) -> None:
+        ck.load_weights(self.model, ckpt / ck.WEIGHTS)
+        state = ck.load_state(ckpt)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"optimizer state in {ckpt} does not fit this model: {e}") from None
+        rngs = state["rng"]
+        ck.restore_rng(rngs[self.rt.rank] if self.rt.rank < len(rngs) else rngs[0])
+        self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        self.wandb_id = state.get("wandb_id")
+        self.meter = {**self._new_meter(), **(state.get("meter") or {})}
+        self.saved_step, self.saved_path = self.step, str(ckpt)
+        if state.get("world_size", 1) != self.rt.world_size:
+            self.say(f"note: the checkpoint was written by {state.get('world_size')} process(es), this run has "
+                     f"{self.rt.world_size}: same global batch, but not bitwise identical to an uninterrupted run")
+        self.say(f"resuming from step {self.step} ({ckpt})")
+
+    def _write_run_files(self) -> None:
+        ck.write_atomic(self.run_dir / "config.yaml", self.cfg.to_yaml())
+        tokenizer = Path(self.prepared.tokenizer_path).read_bytes()
+        run_tokenizer = self.run_dir / "tokenizer.json"
+        if self.step > 0 and run_tokenizer.exists():
+            if run_tokenizer.read_bytes() != tokenizer:
+                warn(f"the data cache's tokenizer differs from {run_tokenizer} (kept); was the data rebuilt?")
+        else:
+            ck.write_atomic(run_tokenizer, tokenizer)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if self.step == 0:
+            self.metrics.reset()
+        elif self.step < self.max_steps or not self._final_record():
+            self.metrics.truncate_after(self.step)
+
+    def _final_record(self) -> Optional[dict]:
+        try:
+            finals = [r for r in read_metrics(self.metrics.path) if r.get("type") == "final"]
+        except (OSError, ValueError):
+            return None
+        return finals[-1] if finals and finals[-1].get("step") == self.step else None
+
+    def _new_meter(self) -> dict:
+        """Sums over the steps since the last train line (saved in checkpoints so resumed lines match)."""
+        return {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "skipped": 0, "aux": {}}
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        if self.step >= self.max_steps:
+            done = self.rt.on_main(self._final_record)
+            if done:
+                self.say(f"run already complete at step {self.step} ({self.run_dir}); nothing to do")
+                return done
+        self._start_tracking()
+        stop = StopRequest().install()
+        try:
+            self._loop(stop)
+        finally:
+            stop.restore()
+        return self._finish()
+
+    def _start_tracking(self) -> None:
+        from model.config import resolve_d_ff
+
+        t, rt = self.cfg.train, self.rt
+        self.counts = self.model.param_counts()
+        self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.peak_flops = (t.peak_flops or measure_peak_flops(rt)) * rt.world_size
+        if not rt.is_main:
+            return
+        print(start_summary(self.cfg, self.counts, self.flops_per_token, resolve_d_ff(self.cfg.model.ffn,
+              self.cfg.model.hidden_size), self.max_steps, self.tokens_per_step, self.prepared.meta,
+              self.cfg.model.vocab_size, rt, rt.dtype, self.peak_flops, self.run_dir,
+              self.step or None), flush=True)
+        run_info = {"params": self.counts, "flops_per_token": self.flops_per_token, "max_steps": self.max_steps,
+                    "tokens_per_step": self.tokens_per_step, "world_size": rt.world_size, "dtype_resolved": rt.dtype,
+                    "device": str(rt.device), "peak_flops": self.peak_flops}
+        self.tracker = WandbTracker(self.cfg, self.run_dir, self.wandb_id, {**self.config_dict, "run": run_info},
+                                    {"params_total": self.counts["total"], "params_active": self.counts["active"],
+                                     "flops_per_token": self.flops_per_token})
+        self.wandb_id = self.tracker.id
+
+    def _loop(self, stop: StopRequest) -> None:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        interactive = self.rt.is_main and sys.stderr.isatty()
+        self.bar = tqdm(total=self.max_steps, initial=self.step, disable=not interactive, dynamic_ncols=True,
+                        desc=self.cfg.run_name, unit="step", file=sys.stderr)
+        t0, elapsed0 = time.perf_counter(), self.elapsed
+        self.window_time, self.window_steps, self.session_time, self.session_tokens = 0.0, 0, 0.0, 0
+        try:
+            while self.step < self.max_steps:
+                step_t0 = time.perf_counter()
+                stop_now = self._train_step(stop) or self.step + 1 == t.stop_at_step
+                dt = time.perf_counter() - step_t0
+                self.window_time += dt
+                self.window_steps += 1
+                self.session_time += dt
+                self.session_tokens += self.tokens_per_step
+                self.step += 1
+                self.elapsed = elapsed0 + time.perf_counter() - t0
+                self.bar.update(1)
+                last = self.step == self.max_steps
+                if self.step % t.log_interval == 0 or last:
+                    self._log_train()
+                if self.step % t.eval_interval == 0 or last:
+                    self._evaluate()
+                if stop_now or self.step % t.ckpt_interval == 0 or last:
+                    self._save()
+                if stop_now and not last:
+                    why = "interrupted" if stop.signum is not None else "stopped (train.stop_at_step)"
+                    raise TrainingInterrupted(f"{why} at step {self.step}: checkpoint saved to "
+                                              f"{self.saved_path}; run the same command again to resume")
+        finally:
+            self.bar.close()
+
+    def _train_step(self, stop: StopRequest) -> bool:
+        """One optimizer step; returns whether a stop (Ctrl-C / SIGTERM on any rank) was requested."""
+        t, rt = self.cfg.train, self.rt
+        lr = lr_at(self.step, t, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, aux_sums = 0.0, {}
+        for micro in range(self.local_accum):
+            x_BT, y_BT = self.batches.get(self.step, micro)
+            x_BT, y_BT = x_BT.to(rt.device, non_blocking=True), y_BT.to(rt.device, non_blocking=True)
+            defer_sync = rt.ddp and micro < self.local_accum - 1
+            with self.ddp_model.no_sync() if defer_sync else nullcontext():
+                with rt.autocast():
+                    out = self.step_model(x_BT, y_BT)
+                    objective = (out.loss + out.aux_loss) / self.local_accum
+                (self.scaler.scale(objective) if self.scaler else objective).backward()
+            loss_sum += float(out.loss.detach())
+            for key, value in (out.aux_losses or {}).items():
+                aux_sums[key] = aux_sums.get(key, 0.0) + float(value)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         t.grad_clip if t.grad_clip > 0 else float("inf")))
+        aux_keys = sorted(aux_sums)
+        reduced = rt.all_reduce_sum([loss_sum / self.local_accum, float(stop.signum is not None)]
+                                    + [aux_sums[k] / self.local_accum for k in aux_keys])
+        loss = reduced[0] / rt.world_size
+        finite = math.isfinite(loss) and (self.scaler is not None or math.isfinite(grad_norm))
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.is_moe:
+                self.model.update_router_bias()
+            m = self.meter
+            m["loss"] += loss
+            m["grad_norm"] += grad_norm if math.isfinite(grad_norm) else 0.0
+            m["steps"] += 1
+            for key, value in zip(aux_keys, reduced[2:]):
+                m["aux"][key] = m["aux"].get(key, 0.0) + value / rt.world_size
+        elif t.nan_policy == "skip":
+            self.meter["skipped"] += 1
+            self.say(f"warning: non-finite loss/grad norm at step {self.step + 1} "
+                     f"(loss={loss}, grad_norm={grad_norm}); step skipped (train.nan_policy=skip)")
+        else:
+            last = (f"the last good checkpoint is {self.saved_path} (step {self.saved_step})" if self.saved_path
+                    else "no checkpoint was written yet")
+            raise TrainingDiverged(f"non-finite loss/grad norm at step {self.step + 1} (loss={loss}, "
+                                   f"grad_norm={grad_norm}); stopped, {last}; lower train.lr or set "
+                                   f"train.nan_policy=skip")
+        self.optimizer.zero_grad(set_to_none=True)
+        return reduced[1] > 0
+
+    # -- logging, eval, checkpoints ------------------------------------------------------------------------------
+    def _log_train(self) -> None:
+        m, rt = self.meter, self.rt
+        load = None
+        if self.is_moe:
+            per_layer = self.model.expert_load()
+            flat = rt.all_reduce_sum([v for layer in per_layer for v in layer])
+            it = iter(v / rt.world_size for v in flat)
+            load = [[next(it) for _ in layer] for layer in per_layer]
+            self.model.reset_expert_load()
+        steps = max(m["steps"], 1)
+        tok_per_s = self.window_steps * self.tokens_per_step / self.window_time if self.window_time else 0.0
+        rec = {"type": "train", "step": self.step, "tokens": self.step * self.tokens_per_step,
+               "time": round(self.elapsed, 3), "loss": m["loss"] / steps if m["steps"] else float("nan"),
+               "lr": lr_at(self.step - 1, self.cfg.train, self.max_steps), "grad_norm": m["grad_norm"] / steps,
+               "tok_per_s": tok_per_s, "mfu": self.flops_per_token * tok_per_s / self.peak_flops}
+        rec.update({f"aux_{k}": v / steps for k, v in m["aux"].items()})
+        if m["skipped"]:
+            rec["skipped"] = m["skipped"]
+        if load is not None:
+            rec["expert_load"] = load
+        self.meter, self.window_time, self.window_steps = self._new_meter(), 0.0, 0
+        self.last_loss = rec["loss"]
+        if not rt.is_main:
+            return
+        self.metrics.write(rec)
+        self.tracker.log(rec, self.step)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_per_s:,.0f}",
+                             refresh=False)
+        if self.bar.disable:
+            print(f"step {self.step}/{self.max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                  f"grad_norm {rec['grad_norm']:.3f} tok/s {tok_per_s:,.0f} mfu {rec['mfu']:.1%}", flush=True)
+
+    def _evaluate(self) -> dict:
+        from train.evaluate import eval_loss_sum, val_metrics
+
+        rt = self.rt
+        nll, n = eval_loss_sum(self.model, self.val[rt.rank::rt.world_size], rt.device, rt.autocast)
+        nll, n = rt.all_reduce_sum([nll, float(n)])
+        exact = int(n) == self.val.n_tokens
+        self.last_val = val_metrics(nll, int(n), self.prepared, self.val.n_bytes if exact else None)
+        self.eval_step = self.step
+        if rt.is_main:
+            rec = {"type": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
+                   "time": round(self.elapsed, 3), **self.last_val}
+            self.metrics.write(rec)
+            self.tracker.log(rec, self.step)
+            self.bar.write(f"step {self.step}: val loss {rec['val_loss']:.4f}  ppl {rec['val_ppl']:.2f}  "
+                           f"bpb {rec['val_bpb']:.4f}", file=sys.stdout)
+        return self.last_val
+
+    def _save(self) -> None:
+        rngs = self.rt.gather(ck.capture_rng())
+
+        def write() -> str:
+            state = {"step": self.step, "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed,
+                     "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                     "rng": rngs, "meter": self.meter, "wandb_id": self.wandb_id,
+                     "world_size": self.rt.world_size, "loader": {"seed": self.cfg.train.seed, "step": self.step},
+                     "scheduler": {"step": self.step, "max_steps": self.max_steps}}
+            path = ck.save_checkpoint(self.run_dir, self.step, self.model, state, self.config_dict,
+                                      self.cfg.train.keep_last)
+            return str(path)
+
+        self.saved_path = self.rt.on_main(write)
+        self.saved_step = self.step
+
+    def _finish(self) -> dict:
+        from train.evaluate import generate_samples
+
+        t, rt = self.cfg.train, self.rt
+        if self.eval_step != self.step:
+            self._evaluate()
+        if self.saved_step != self.step:
+            self._save()
+        final = {"type": "final", "step": self.step, "tokens": self.step * self.tokens_per_step,
+                 "time": round(self.elapsed, 3), **self.last_val, "train_loss": self.last_loss,
+                 "params": self.counts["total"], "active_params": self.counts["active"],
+                 "tok_per_s": getattr(self, "session_tokens", 0) / max(getattr(self, "session_time", 0.0), 1e-9),
+                 "run_dir": str(self.run_dir), "wandb_id": self.wandb_id,
+                 "wandb_dir": self.tracker.dir if self.tracker else None}
+        if rt.is_main:
+            samples = generate_samples(self.model, _tokenizer(self.run_dir), t.sample_prompts,
+                                       t.sample_max_new_tokens, t.sample_temperature, t.sample_top_k, t.seed,
+                                       rt.device, self.prepared.eos_id)
+            write_samples(self.run_dir, samples, self.step)
+            self.tracker.samples_table(samples, self.step)
+            self.metrics.write(final)
+            self.tracker.summary({k: v for k, v in final.items() if k != "type"})
+            print(f"done: step {self.step}, val loss {final.get('val_loss', float('nan')):.4f}, "
+                  f"bpb {final.get('val_bpb', float('nan')):.4f}, {final['tok_per_s']:,.0f} tok/s -> {self.run_dir}",
+                  flush=True)
+        return final
+
+    def close(self, failed: bool = False) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(exit_code=1 if failed else 0)
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _tokenizer(run_dir: Path):
+    from train.data import load_tokenizer
+    return load_tokenizer(run_dir / "tokenizer.json")
