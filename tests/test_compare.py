@@ -1,0 +1,174 @@
+"""FFN comparison sweeps: the sweep file rules (fairness keys, parameter match), the report's statistics, plots from
+synthetic curves, and a tiny real sweep end to end (report numbers = the runs' own metrics.jsonl, resume, dry-run)."""
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import train.compare as compare
+from train.compare import load_sweep, plan_sweep, run_sweep
+from train.errors import ConfigError
+from train.report import RunResult, delta_vs, render_markdown, summarize, within_noise
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tiny_base(tmp: Path, cache: Path) -> Path:
+    """configs/tiny.yaml cut down further: two plays, a 320-token vocabulary, 6 steps."""
+    return write_yaml(tmp / "tiny-base.yaml", {
+        "extends": str(ROOT / "configs" / "tiny.yaml"),
+        "data": {"val_plays": ["macbeth"], "max_documents": 2, "cache_dir": str(cache),
+                 "tokenizer": {"vocab_size": 320}},
+        "train": {"max_steps": 6, "warmup_steps": 2, "log_interval": 2, "eval_interval": 3, "eval_tokens": 2048,
+                  "ckpt_interval": 3, "sample_max_new_tokens": 8, "sample_prompts": ["ROMEO:"]},
+        "wandb": {"mode": "disabled"},
+    })
+
+
+def sweep_file(tmp: Path, variants: dict, **extra) -> Path:
+    data = {"name": "tiny-sweep", "base": "tiny-base.yaml", "out_dir": str(tmp / "runs" / "tiny-sweep"),
+            "seeds": [0], "baseline": "gelu", "variants": variants, **extra}
+    return write_yaml(tmp / "sweep.yaml", data)
+
+
+GELU = {"model.ffn.type": "dense", "model.ffn.activation": "gelu"}
+SWIGLU = {"model.ffn.type": "glu", "model.ffn.activation": "silu"}
+
+
+@pytest.fixture
+def tmp_sweep_dir(tmp_path, tmp_path_factory):
+    tiny_base(tmp_path, tmp_path_factory.getbasetemp() / "compare-data")
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweep file rules (no model needed)
+
+def test_short_and_explicit_variant_forms_and_extends(tmp_sweep_dir):
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "noffn": {"overrides": {"model.ffn.type": "none"}, "match": False},
+                                      "wide": {"model": {"ffn": {"type": "dense", "d_ff": 512}}}})
+    sweep, base = load_sweep(path)
+    assert base == tmp_sweep_dir / "tiny-base.yaml"
+    assert sweep.variants["gelu"].overrides == GELU and sweep.variant_matched("gelu")
+    assert sweep.variants["noffn"].overrides == {"model.ffn.type": "none"} and not sweep.variant_matched("noffn")
+    assert compare.flatten(sweep.variants["wide"].overrides) == {"model.ffn.type": "dense", "model.ffn.d_ff": 512}
+    (tmp_sweep_dir / "sub").mkdir()
+    child = write_yaml(tmp_sweep_dir / "sub" / "more.yaml", {"extends": "../sweep.yaml", "name": "more", "seeds": [1, 2]})
+    sweep2, base2 = load_sweep(child)
+    assert (sweep2.name, sweep2.seeds, base2) == ("more", [1, 2], base)  # base stays relative to the parent file
+    assert list(sweep2.variants) == ["gelu", "noffn", "wide"]
+
+
+@pytest.mark.parametrize("variant, key", [({"data.max_bytes": 1000}, "data.max_bytes"),
+                                          ({"data": {"tokenizer": {"vocab_size": 400}}}, "data.tokenizer.vocab_size"),
+                                          ({"train.lr": 0.01}, "train.lr"), ({"train.seed": 3}, "train.seed"),
+                                          ({"model.max_seq_len": 32}, "model.max_seq_len")])
+def test_variant_may_not_touch_shared_settings(tmp_sweep_dir, variant, key):
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "bad": {**SWIGLU, **variant}})
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "variant 'bad'" in msg and f"'{key}'" in msg and "allowed: model.*" in msg
+
+
+def test_sweep_file_errors_are_one_line(tmp_sweep_dir):
+    cases = [({"seed": [0]}, "unknown key"), ({"baseline": "nope"}, "baseline 'nope' is not a variant"),
+             ({"match_on": "some"}, "match_on"), ({"overrides": {"train.seed": 1}}, "'train.seed' is set by the sweep"),
+             ({"seeds": [0, 0]}, "distinct")]
+    for extra, expected in cases:
+        path = sweep_file(tmp_sweep_dir, {"gelu": GELU}, **extra)
+        with pytest.raises(ConfigError) as err:
+            load_sweep(path)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU})
+    with pytest.raises(ConfigError, match="set by the sweep"):
+        plan_sweep(path, ["train.seed=4"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics (expected values worked out by hand)
+
+def test_delta_paired_unpaired_and_noise():
+    # paired: per-seed differences 0.1, 0.3 -> mean 0.2, stdev sqrt(0.02) = 0.141421, SE = 0.1
+    d, se = delta_vs({0: 1.1, 1: 2.3}, {0: 1.0, 1: 2.0})
+    assert d == pytest.approx(0.2) and se == pytest.approx(0.1)
+    assert within_noise(d, se) is False and within_noise(0.19, 0.1) is True  # |Δ| < 2·SE is strict
+    # unpaired (no common seeds): var(a) = 0.02, var(b) = 0.08 -> SE = sqrt(0.01 + 0.04)
+    d, se = delta_vs({0: 1.0, 1: 1.2}, {2: 1.0, 3: 1.4})
+    assert d == pytest.approx(-0.1) and se == pytest.approx(math.sqrt(0.05))
+    # one seed each: noise unknown
+    d, se = delta_vs({0: 1.5}, {0: 1.25})
+    assert d == pytest.approx(0.25) and se is None and within_noise(d, se) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report and plots from synthetic runs
+
+def fake_run(variant, seed, final_loss, moe=False, n=4):
+    evals = [{"step": 10 * i, "tokens": 1000 * i, "wall_s": 2.0 * i + seed, "val_loss": final_loss + 1.0 / i,
+              "val_bpb": (final_loss + 1.0 / i) / 2} for i in range(1, n + 1)]
+    train = [{"step": 5 * i, "tokens": 500 * i, "wall_s": 1.0 * i, "loss": final_loss + 2.0 / i} for i in range(1, 2 * n + 1)]
+    load = [{"step": 5 * i, "tokens": 500 * i, "load": [[0.5, 0.25, 0.25, 0.0], [0.25] * 4]} for i in range(1, 4)]
+    final = {"val_loss": final_loss, "val_bpb": final_loss / 2, "tokens": 4000, "wall_time_s": 8.0 + seed,
+             "tokens_per_s": 500.0, "step": 40}
+    return RunResult(variant, seed, Path(f"/runs/{variant}-s{seed}"), True, final, evals, train,
+                     load if moe else [], [{"prompt": "ROMEO:", "text": "ROMEO: hello"}])
+
+
+def fake_plan(tmp_path):
+    from model.config import FFNConfig
+    sweep = compare.SweepConfig(name="fake", base="x.yaml", baseline="gelu", seeds=[0, 1],
+                                variants={"gelu": {"overrides": GELU, "family": "dense"},
+                                          "gelu-wide": {"overrides": GELU, "family": "dense", "match": False},
+                                          "moe": {"overrides": {"model.ffn.type": "moe"}}})
+    def info(name, ffn_type, total, active, ffn):
+        cfg = SimpleNamespace(model=SimpleNamespace(ffn=FFNConfig(type=ffn_type, activation="gelu" if ffn_type == "dense" else "silu")))
+        counts = {"total": total, "active": active, "ffn": ffn, "ffn_active": ffn, "non_embedding": total - 100}
+        matched = sweep.variant_matched(name)
+        on = ("active" if ffn_type == "moe" else "total") if matched else "-"
+        return compare.VariantInfo(name, cfg, counts, 6 * active, matched, on, False)
+    variants = {"gelu": info("gelu", "dense", 1000, 1000, 600), "gelu-wide": info("gelu-wide", "dense", 1600, 1600, 1200),
+                "moe": info("moe", "moe", 3000, 1010, 2600)}
+    variants["moe"].rel_diff = 0.01
+    runs = [SimpleNamespace(variant=v, seed=s, name=f"{v}-s{s}") for v in variants for s in (0, 1)]
+    return SimpleNamespace(sweep=sweep, variants=variants, runs=runs, sweep_path=tmp_path / "fake.yaml",
+                           base_path=tmp_path / "x.yaml", out_dir=tmp_path / "out")
+
+
+def test_summary_markdown_and_plots_from_synthetic_runs(tmp_path):
+    from train.plots import make_plots
+    plan = fake_plan(tmp_path)
+    results = [fake_run("gelu", 0, 3.0), fake_run("gelu", 1, 3.2), fake_run("gelu-wide", 0, 2.8),
+               fake_run("gelu-wide", 1, 2.9), fake_run("moe", 0, 2.9, moe=True)]  # moe seed 1 missing
+    doc = summarize(plan, results, command="python scripts/compare.py --config fake.yaml")
+    rows = {r["name"]: r for r in doc["variants"]}
+    assert rows["gelu"]["val_loss_mean"] == pytest.approx(3.1) and rows["gelu"]["val_loss_std"] == pytest.approx(statistics.stdev([3.0, 3.2]))
+    assert [r["name"] for r in doc["variants"]] == ["gelu-wide", "moe", "gelu"]  # sorted by rank
+    assert (rows["gelu-wide"]["rank"], rows["moe"]["rank"], rows["gelu"]["rank"]) == (1, 2, 3)
+    # gelu-wide - gelu per seed: -0.2, -0.3 -> mean -0.25, SE = stdev([-0.2, -0.3]) / sqrt(2) = 0.05 -> beyond noise
+    assert rows["gelu-wide"]["delta_vs_baseline"] == pytest.approx(-0.25)
+    assert rows["gelu-wide"]["delta_se"] == pytest.approx(0.05) and rows["gelu-wide"]["within_noise"] is False
+    assert rows["moe"]["within_noise"] is None and rows["moe"]["seeds"] == [0]  # one seed: noise unknown
+    assert doc["missing_runs"] == ["moe-s1"]
+    assert (rows["moe"]["matched_on"], rows["gelu-wide"]["matched_on"]) == ("active", "-")
+    md = render_markdown(doc)
+    assert "-0.2500 (beyond noise" in md and "(noise unknown)" in md and "not matched" in md
+    assert "Incomplete" in md and "moe-s1" in md and "ROMEO: hello" in md and "3.1000 ± 0.1414" in md
+    paths = make_plots(doc, results, plan.out_dir)
+    names = sorted(p.name for p in paths)
+    assert names == ["expert_load_moe.png", "final_loss_vs_ffn_params.png", "final_loss_vs_train_flops.png",
+                     "train_loss_smoothed.png", "val_loss_vs_flops.png", "val_loss_vs_tokens.png",
+                     "val_loss_vs_wallclock.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000 for p in paths)
