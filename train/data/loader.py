@@ -61,7 +61,8 @@ class TrainBatches:
         first = (micro_step * self.world_size + self.rank) * self.micro_batch_size
         starts = self.offsets(step)[first:first + self.micro_batch_size]
         blocks = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        return torch.from_numpy(np.ascontiguousarray(blocks[:, :-1])), torch.from_numpy(np.ascontiguousarray(blocks[:, 1:]))
+        x_BT, y_BT = np.ascontiguousarray(blocks[:, :-1]), np.ascontiguousarray(blocks[:, 1:])
+        return torch.from_numpy(x_BT), torch.from_numpy(y_BT)
 
 
 class ValBatches(list):
@@ -82,8 +83,8 @@ def val_batches(prepared, seq_len: int, batch_size: int, eval_tokens: int | None
     n_blocks = available if eval_tokens is None else min(available, max(1, eval_tokens // seq_len))
     tokens = np.asarray(val[: n_blocks * seq_len + 1], dtype=np.int64)
     x_NT, y_NT = tokens[:-1].reshape(n_blocks, seq_len), tokens[1:].reshape(n_blocks, seq_len)
-    batches = ValBatches((torch.from_numpy(x_NT[i:i + batch_size].copy()), torch.from_numpy(y_NT[i:i + batch_size].copy()))
-                         for i in range(0, n_blocks, batch_size))
+    batches = ValBatches((torch.from_numpy(x_NT[i:i + batch_size].copy()),
+                          torch.from_numpy(y_NT[i:i + batch_size].copy())) for i in range(0, n_blocks, batch_size))
     batches.n_tokens = n_blocks * seq_len
     lengths = prepared.token_byte_lengths()
     if lengths is not None:
@@ -93,7 +94,8 @@ def val_batches(prepared, seq_len: int, batch_size: int, eval_tokens: int | None
     return batches
 
 
-def bits_per_byte(mean_loss_nats: float, prepared, tokens_evaluated: int, bytes_evaluated: float | None = None) -> float:
+def bits_per_byte(mean_loss_nats: float, prepared, tokens_evaluated: int,
+                  bytes_evaluated: float | None = None) -> float:
     """Bits per UTF-8 byte of text from a mean next-token loss over `tokens_evaluated` validation targets.
 
     Pass `bytes_evaluated` (e.g. `ValBatches.n_bytes`) for the exact count; without it the validation split's

@@ -151,8 +151,18 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _build(cfg: DataConfig, out: Path, spec: dict, progress: bool) -> PreparedData:
     start = time.perf_counter()
+    created = not out.exists()
     _check_writable(out)
     (out / "meta.json").unlink(missing_ok=True)  # from here on the folder does not look finished
+    try:
+        return _build_into(cfg, out, spec, progress, start)
+    except BaseException:
+        if created and not any(out.iterdir()):  # bad input found before anything was written: leave no trace
+            out.rmdir()
+        raise
+
+
+def _build_into(cfg: DataConfig, out: Path, spec: dict, progress: bool, start: float) -> PreparedData:
     corpus = load_corpus(cfg, progress)
 
     tok_path = out / "tokenizer.json"
@@ -180,7 +190,8 @@ def _build(cfg: DataConfig, out: Path, spec: dict, progress: bool) -> PreparedDa
         _say(f"{replaced} invalid UTF-8 sequences were replaced by U+FFFD (or the text already held U+FFFD)")
     meta = {
         "format_version": FORMAT_VERSION, "corpus_id": out.name, "spec": spec, "vocab_size": vocab_size,
-        "dtype": dtype.name, "eos_token": eos_token, "eos_id": eos_id, "tokenizer_sha256": files["tokenizer.json"]["sha256"],
+        "dtype": dtype.name, "eos_token": eos_token, "eos_id": eos_id,
+        "tokenizer_sha256": files["tokenizer.json"]["sha256"],
         **{f"{split}_{k}": v for split, s in stats.items() for k, v in s.items()},
         "info": corpus.info, "files": files, "build_seconds": round(time.perf_counter() - start, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
@@ -218,7 +229,8 @@ def _write_split(ds, tokenizer, eos_id: int, dtype: np.dtype, path: Path, split:
 
     if num_proc is None and _text_bytes(ds) > MULTIPROCESS_BYTES:
         num_proc = min(os.cpu_count() or 1, 8)
-    if num_proc and num_proc > 1:
+    num_proc = min(num_proc or 1, len(ds))
+    if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; avoids the fork warning
     else:
         num_proc = None

@@ -9,9 +9,10 @@ document).
   (paragraph) or per line (line). Invalid UTF-8 is replaced by U+FFFD (counted later, in the shard statistics).
 
 Empty documents are dropped; data.max_documents / data.max_bytes keep the first documents of each split (for
-shakespeare: the first training plays, alphabetically). For hf and local corpora validation is data.val_split (a named
-split), data.val_path (local files), or else a held-out data.val_fraction of the documents chosen by a hash of each
-document's text: deterministic, independent of document order and caps, and exact duplicates land on the same side.
+shakespeare: the first plays of each split, alphabetically). For hf and local corpora validation is data.val_split
+(a named split), data.val_path (local files), or else a held-out data.val_fraction of the documents chosen by a hash
+of each document's text: deterministic, independent of document order and caps, and exact duplicates land on the
+same side.
 
 `corpus_spec` describes a corpus without loading it (it is part of the cache key); `load_corpus` loads it.
 """
@@ -172,10 +173,10 @@ def _load_shakespeare(cfg: DataConfig) -> Corpus:
     if not train_plays:
         raise DataError("data.val_plays holds out every play, leaving nothing to train on")
     text = {p: markdown_to_play_text(plays[p].read_text(encoding="utf-8")) for p in plays}
-    train = datasets.Dataset.from_dict({"text": [text[p] for p in train_plays]})
-    train, _ = cap_documents(train, cfg, "shakespeare")  # the caps keep the first plays (e.g. for quick tests)
-    train_plays = train_plays[: len(train)]
-    val = datasets.Dataset.from_dict({"text": [text[p] for p in val_plays]})
+    # The caps keep the first plays of each split (e.g. for quick tests).
+    train, _ = cap_documents(datasets.Dataset.from_dict({"text": [text[p] for p in train_plays]}), cfg, "shakespeare")
+    val, _ = cap_documents(datasets.Dataset.from_dict({"text": [text[p] for p in val_plays]}), cfg, "shakespeare")
+    train_plays, val_plays = train_plays[: len(train)], val_plays[: len(val)]
     return Corpus("shakespeare", train, val, {"train_plays": train_plays, "val_plays": val_plays})
 
 
@@ -333,9 +334,9 @@ def _clean_split(ds, cfg: DataConfig, where: str):
     column = cfg.text_column
     if column not in ds.column_names:
         raise DataError(f"{where}: no text column '{column}' (data.text_column); columns: {', '.join(ds.column_names)}")
-    dtype = getattr(ds.features[column], "dtype", None)
+    dtype = getattr(ds.features[column], "dtype", type(ds.features[column]).__name__)
     if dtype not in ("string", "large_string"):
-        raise DataError(f"{where}: column '{column}' (data.text_column) holds {ds.features[column]}, not text")
+        raise DataError(f"{where}: column '{column}' (data.text_column) holds {dtype}, not text")
     ds = ds.select_columns([column])
     if column != "text":
         ds = ds.rename_column(column, "text")
