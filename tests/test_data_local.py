@@ -20,8 +20,9 @@ STORIES = [f"Story {i}: the {animal} sat on the {thing}. It was {mood}.\n"
 
 
 @pytest.fixture(autouse=True)
-def hf_cache_in_tmp(tmp_path, monkeypatch):
-    # datasets caches what its builders read; keep that out of ~/.cache.
+def offline_with_a_private_cache(tmp_path, monkeypatch):
+    # Nothing here may reach the hub; datasets caches what its builders read: keep that out of ~/.cache.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
@@ -75,6 +76,16 @@ def test_text_file_paragraphs_and_invalid_utf8(tmp_path, capsys):
     docs = decoded_documents(prepared)
     assert any(d.endswith("bad bytes: \ufffd\ufffd end\n") for d in docs["train"] + docs["val"])
     assert "replaced by U+FFFD" in capsys.readouterr().err
+
+
+def test_jsonl_with_invalid_utf8_is_replaced_not_fatal(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"".join(json.dumps({"text": s}).encode() + b"\n" for s in STORIES)
+                     + b'{"text": "broken \xc3\x28 bytes"}\n')
+    prepared = prepare_data(config(tmp_path, path=str(path)), progress=False)
+    assert prepared.meta["train_replaced_chars"] + prepared.meta["val_replaced_chars"] == 1
+    docs = decoded_documents(prepared)
+    assert "broken \ufffd( bytes" in docs["train"] + docs["val"]
 
 
 def test_jsonl_with_a_named_text_column_and_literal_eos(tmp_path):
