@@ -1,0 +1,297 @@
+"""MiniMind decoder (LLaMA-style: RMSNorm, RoPE, GQA attention, pre-norm blocks) with a pluggable FFN.
+
+Shape suffixes: B batch, T time (tokens in this call), P past tokens in the KV cache, D hidden, H query heads,
+G key/value heads, C head dim, V vocab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import FFNConfig, MiniMindConfig  # noqa: F401  (re-exported for convenience)
+from model.ffn import build_ffn
+from model.moe import MoEFFN
+
+KVCache = list  # per layer: (k_BGPC, v_BGPC)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # fused kernel needs one dtype
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles_TC = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq).repeat(1, 2)
+    return angles_TC.cos(), angles_TC.sin()
+
+
+def apply_rope(x_BTHC: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + C/2) (the "rotate_half" layout of LLaMA/MiniMind)."""
+    x1, x2 = x_BTHC.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x_BTHC * cos_TC[:, None, :] + rotated * sin_TC[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # q, k and v in one matmul: same parameters as three projections, one bigger GEMM
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD, cos_TC, sin_TC, past_kv=None, use_cache=False):
+        B, T, _ = x_BTD.shape
+        H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x_BTD).split([H * C, G * C, G * C], dim=-1)
+        q_BHTC = apply_rope(q.view(B, T, H, C), cos_TC, sin_TC).transpose(1, 2)
+        k_BGTC = apply_rope(k.view(B, T, G, C), cos_TC, sin_TC).transpose(1, 2)
+        v_BGTC = v.view(B, T, G, C).transpose(1, 2)
+        past_len = 0
+        if past_kv is not None:
+            past_len = past_kv[0].shape[2]
+            k_BGTC = torch.cat([past_kv[0], k_BGTC], dim=2)
+            v_BGTC = torch.cat([past_kv[1], v_BGTC], dim=2)
+        present = (k_BGTC, v_BGTC) if use_cache else None
+        mask, is_causal = None, True
+        if past_len:  # query t sits at position past_len + t and sees keys 0..past_len + t
+            is_causal = False
+            if T > 1:
+                mask = torch.ones(T, past_len + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past_len)
+        y_BHTC = F.scaled_dot_product_attention(
+            q_BHTC, k_BGTC, v_BGTC, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=G != H)
+        y_BTD = y_BHTC.transpose(1, 2).reshape(B, T, H * C)
+        return self.resid_dropout(self.o_proj(y_BTD)), present
+
+
+class MiniMindBlock(nn.Module):
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn = build_ffn(cfg)  # None for ffn.type 'none': the FFN sub-layer is skipped entirely
+        if self.ffn is not None:
+            self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.ffn_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD, cos_TC, sin_TC, past_kv=None, use_cache=False):
+        attn_out, present = self.attn(self.attn_norm(x_BTD), cos_TC, sin_TC, past_kv, use_cache)
+        x_BTD = x_BTD + attn_out
+        if self.ffn is not None:
+            x_BTD = x_BTD + self.ffn_dropout(self.ffn(self.ffn_norm(x_BTD)))
+        return x_BTD, present
+
+
+class MiniMindModel(nn.Module):
+    def __init__(self, cfg: MiniMindConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(MiniMindBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # recomputed from the config, never saved
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids_BT, past_key_values: Optional[KVCache] = None, use_cache: bool = False):
+        T = input_ids_BT.shape[1]
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if past_len + T > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {past_len + T} tokens exceeds model.max_seq_len={self.rope_cos.shape[0]}")
+        x_BTD = self.dropout(self.embed_tokens(input_ids_BT))
+        # cast once per call so RoPE stays in the activations' dtype (no fp32 round trip under autocast)
+        dtype = torch.get_autocast_dtype(x_BTD.device.type) if torch.is_autocast_enabled(x_BTD.device.type) \
+            else x_BTD.dtype
+        cos_TC = self.rope_cos[past_len:past_len + T].to(dtype)
+        sin_TC = self.rope_sin[past_len:past_len + T].to(dtype)
+        presents = [] if use_cache else None
+        for i, layer in enumerate(self.layers):
+            x_BTD, present = layer(x_BTD, cos_TC, sin_TC, past_key_values[i] if past_key_values else None, use_cache)
+            if use_cache:
+                presents.append(present)
+        return self.norm(x_BTD), presents
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    past_key_values: Optional[KVCache] = None
+    aux_loss_tensors: dict = field(default_factory=dict)  # kind -> detached 0-dim tensor, summed over MoE layers
+
+    @property
+    def aux_losses(self) -> dict[str, float]:
+        """Balancing losses per kind (with coefficients), as floats. Converted on access: no sync in forward."""
+        return {k: float(v) for k, v in self.aux_loss_tensors.items()}
+
+
+class MiniMindForCausalLM(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size must be set before building the model (it is null in the config; "
+                             "take it from the tokenizer: dataclasses.replace(cfg, vocab_size=...))")
+        self.config = config
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._init_weights()
+
+    RESIDUAL_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "experts.w_down")
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """normal(0, init_std); projections that write into the residual stream get std/sqrt(2·layers) (GPT-2)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(self.RESIDUAL_PROJECTIONS) else std)
+
+    def forward(self, input_ids_BT, targets_BT=None, past_key_values=None, use_cache=False) -> CausalLMOutput:
+        h_BTD, presents = self.model(input_ids_BT, past_key_values, use_cache)
+        logits_BTV = self.lm_head(h_BTD)
+        loss = None
+        if targets_BT is not None:
+            loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
+        aux_loss, aux_tensors = logits_BTV.new_zeros((), dtype=torch.float32), {}
+        for moe in self.moe_layers():
+            aux_loss = aux_loss + moe.aux_loss
+            for kind, value in moe.aux_losses.items():
+                aux_tensors[kind] = aux_tensors.get(kind, 0) + value.detach()
+        return CausalLMOutput(logits_BTV, loss, aux_loss, presents, aux_tensors)
+
+    # --- generation ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                 greedy=False, generator=None) -> torch.Tensor:
+        """-> (B, T0 + n) token ids: the prompt followed by n <= max_new_tokens new tokens (fewer when every row hit
+        EOS; rows that finished early are padded with eos_token_id)."""
+        new_tokens = list(self._sample_tokens(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                              greedy, generator))
+        return torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1)
+
+    def generate_stream(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                        greedy=False, generator=None) -> Iterator[int]:
+        """Yield new token ids one at a time (batch of one: input_ids (T,) or (1, T)); stops after EOS (yielded)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"generate_stream takes one sequence, got a batch of {input_ids.shape[0]}")
+        for token_B in self._sample_tokens(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                           greedy, generator):
+            yield int(token_B[0])
+
+    def _sample_tokens(self, input_ids_BT, max_new_tokens, temperature, top_k, top_p, eos_token_id, greedy,
+                       generator) -> Iterator[torch.Tensor]:
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        if input_ids_BT.shape[1] == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield from self._sample_loop(input_ids_BT, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                             greedy, generator)
+        finally:
+            self.train(was_training)
+
+    def _sample_loop(self, ids_BT, max_new_tokens, temperature, top_k, top_p, eos_token_id, greedy, generator):
+        window = self.config.max_seq_len
+        cache, finished_B = None, torch.zeros(ids_BT.shape[0], dtype=torch.bool, device=ids_BT.device)
+        for _ in range(max_new_tokens):
+            if cache is None:  # (re)fill the cache from the last `window` tokens, like nanoGPT's context crop
+                h_BTD, cache = self.model(ids_BT[:, -window:], use_cache=True)
+            else:
+                h_BTD, cache = self.model(ids_BT[:, -1:], past_key_values=cache, use_cache=True)
+            if cache[0][0].shape[2] >= window:  # full: the next token would fall outside the RoPE table
+                cache = None
+            next_B = sample_next_token(self.lm_head(h_BTD[:, -1]), temperature, top_k, top_p, greedy, generator)
+            if eos_token_id is not None:
+                next_B = torch.where(finished_B, torch.full_like(next_B, eos_token_id), next_B)
+                finished_B |= next_B == eos_token_id
+            ids_BT = torch.cat([ids_BT, next_B[:, None]], dim=1)
+            yield next_B
+            if eos_token_id is not None and bool(finished_B.all()):
+                return
+
+    # --- accounting ---------------------------------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """total counts a tied embedding once; active = what one token touches (MoE: top_k routed + shared experts +
+        router); embedding = the token embedding (the LM head too when tied); non_embedding = total − embedding."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.model.embed_tokens.weight.numel()
+        attention = sum(p.numel() for layer in self.model.layers for p in layer.attn.parameters())
+        ffn = ffn_active = 0
+        for layer in self.model.layers:
+            if layer.ffn is not None:
+                n = sum(p.numel() for p in layer.ffn.parameters())
+                ffn += n
+                ffn_active += layer.ffn.active_params() if isinstance(layer.ffn, MoEFFN) else n
+        return dict(total=total, active=total - ffn + ffn_active, non_embedding=total - embedding,
+                    embedding=embedding, ffn=ffn, ffn_active=ffn_active, attention=attention)
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token ≈ 6·N + 12·L·D·T (PaLM app. B). N: active parameters that do matmuls (the LM
+        head counted once; an untied input embedding is a lookup and is left out); T: seq_len or max_seq_len."""
+        counts = self.param_counts()
+        n_matmul = counts["active"] - (0 if self.config.tie_word_embeddings else counts["embedding"])
+        T = seq_len or self.config.max_seq_len
+        return 6 * n_matmul + 12 * self.config.num_hidden_layers * self.config.hidden_size * T
+
+    def ffn_share(self, seq_len: int | None = None) -> dict[str, float]:
+        """FFN share of all parameters and of the training FLOPs per token (active FFN parameters)."""
+        counts = self.param_counts()
+        return dict(params=counts["ffn"] / counts["total"],
+                    flops=6 * counts["ffn_active"] / self.flops_per_token(seq_len))
+
+    # --- MoE observability ------------------------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoEFFN]:
+        return [layer.ffn for layer in self.model.layers if isinstance(layer.ffn, MoEFFN)]
+
+    def expert_load(self) -> list[list[float]]:
+        """Per MoE layer: fraction of routed token slots per expert since the last reset_expert_load()."""
+        return [moe.expert_load() for moe in self.moe_layers()]
+
+    def reset_expert_load(self) -> None:
+        for moe in self.moe_layers():
+            moe.reset_expert_load()
+
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing: call once per optimizer step. No-op unless balancing == aux_free."""
+        for moe in self.moe_layers():
+            moe.update_bias()
+
+
+def sample_next_token(logits_BV, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    if greedy or temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_BV, index_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(dim=-1)
+        outside_BV = probs_BV.cumsum(dim=-1) - probs_BV > top_p  # keeps the smallest prefix reaching top_p
+        logits_BV = logits_BV.scatter(-1, index_BV, sorted_BV.masked_fill(outside_BV, float("-inf")))
+    probs_BV = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,232 @@
+"""Mixture-of-Experts FFN in small pieces (after torchtitan): Router -> sort tokens by expert -> GroupedExperts.
+
+Shape suffixes: N tokens (B·T flattened), D hidden, E routed experts, K top_k, S = N·K routed slots, F expert width,
+U expert up-projection width (2F for GLU experts: gate and up fused; F for dense experts).
+
+Design choices (see also tests/test_moe.py):
+- Dispatch sorts the S slots by expert, runs every expert on its contiguous slice with one grouped matmul on stacked
+  weights (`F.grouped_mm`; a split-per-expert loop where grouped_mm is unavailable or the shapes are unaligned), then
+  un-sorts and mixes the K expert outputs per token with the gate weights. No dense all-experts compute, no token
+  dropping unless `capacity_factor` is set, no host sync in the grouped path.
+- Gate weights come from the unbiased router scores; the aux-loss-free bias (DeepSeek-V3) only affects which experts
+  are picked.
+- top_k == 1: `norm_topk_prob` is ignored, the gate weight is the router probability itself (Switch Transformer).
+  Renormalising a single probability gives the constant 1, and the router would get no gradient from the LM loss.
+- Switch/GShard auxiliary loss for top-k: α·E·Σ_i f_i·P_i with f_i = (slots routed to i) / (N·K) (each token counts
+  K times) and P_i = mean over tokens of i's routing probability (sigmoid scores normalised to sum 1 per token).
+  Under uniform routing f_i = P_i = 1/E and the loss equals α. The router z-loss (ST-MoE) is c_z·mean(lse(logits)²)
+  and is applied whenever z_loss_coef > 0, whatever the balancing mode.
+- Expert load is counted with tensors (no sync); `expert_load()` converts to floats only when asked. Counting only
+  happens in training mode, so evaluation and generation do not move the aux-free bias.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import MiniMindConfig, resolve_d_ff
+from model.ffn import ACTIVATIONS, DenseFFN, GLUFFN
+
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class Router(nn.Module):
+    def __init__(self, dim: int, n_experts: int, top_k: int, scoring: str, norm_topk_prob: bool):
+        super().__init__()
+        self.n_experts, self.top_k, self.scoring, self.norm_topk_prob = n_experts, top_k, scoring, norm_topk_prob
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        # Aux-loss-free balancing bias: added to the scores only to choose the top-k (a persistent buffer, not a
+        # parameter: it is moved by update_bias, never by the optimizer). Stays zero unless balancing == aux_free.
+        self.register_buffer("selection_bias", torch.zeros(n_experts))
+
+    def forward(self, x_ND: torch.Tensor):
+        """-> logits_NE (fp32), probs_NE (fp32, sum to 1 per token), expert_NK (int64), weight_NK (fp32)."""
+        logits_NE = self.gate(x_ND).float()  # routing decisions in fp32: cheap (E columns) and stable
+        if self.scoring == "softmax":
+            scores_NE = logits_NE.softmax(dim=-1)
+            probs_NE = scores_NE
+        else:
+            scores_NE = logits_NE.sigmoid()
+            probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+        _, expert_NK = torch.topk(scores_NE.detach() + self.selection_bias, self.top_k, dim=-1)
+        weight_NK = scores_NE.gather(-1, expert_NK)
+        if self.norm_topk_prob and self.top_k > 1:  # top_k == 1: keep p (see module docstring)
+            weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
+        return logits_NE, probs_NE, expert_NK, weight_NK
+
+
+class GroupedExperts(nn.Module):
+    """E experts of the same shape with stacked weights, run on expert-sorted tokens.
+
+    `mode`: "auto" (grouped matmul when it works for the device/dtype/shapes, else the loop), "grouped" or "loop".
+    """
+
+    def __init__(self, n_experts: int, dim: int, d_ff: int, kind: str, activation: str):
+        super().__init__()
+        self.kind, self.activation, self.d_ff = kind, activation, d_ff
+        self.act = ACTIVATIONS[activation]
+        up = 2 * d_ff if kind == "glu" else d_ff
+        # Stored like nn.Linear weights (out, in): x @ w.T is the fast GEMM layout on CPU.
+        self.w_up = nn.Parameter(torch.empty(n_experts, up, dim))
+        self.w_down = nn.Parameter(torch.empty(n_experts, dim, d_ff))
+        self.mode = "auto"
+
+    def _hidden(self, h_SU: torch.Tensor) -> torch.Tensor:
+        if self.kind == "glu":
+            gate_SF, up_SF = h_SU.chunk(2, dim=-1)
+            return self.act(gate_SF) * up_SF
+        return self.act(h_SU)
+
+    def grouped_mm_ok(self, x_SD: torch.Tensor) -> bool:
+        dtype = _autocast_dtype(x_SD.device.type) or x_SD.dtype
+        if _GROUPED_MM is None:
+            return False
+        if x_SD.device.type == "cpu":
+            ok_device = dtype in (torch.float32, torch.bfloat16)
+        elif x_SD.device.type == "cuda":
+            ok_device = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_SD.device) >= (9, 0)
+        else:
+            ok_device = False
+        # grouped GEMM kernels need every row stride to be a multiple of 16 bytes
+        align = 16 // torch.empty((), dtype=dtype).element_size()
+        return ok_device and all(n % align == 0 for n in (*self.w_up.shape[1:], self.d_ff))
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        use_grouped = self.mode == "grouped" or (self.mode == "auto" and self.grouped_mm_ok(x_SD))
+        return self._forward_grouped(x_SD, counts_E) if use_grouped else self._forward_loop(x_SD, counts_E)
+
+    def _forward_grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        # grouped_mm is not covered by autocast: cast like autocast would (weights to the compute dtype)
+        dtype = _autocast_dtype(x_SD.device.type) or x_SD.dtype
+        w_up, w_down = self.w_up.to(dtype), self.w_down.to(dtype)
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        h_SU = _GROUPED_MM(x_SD.to(dtype), w_up.transpose(-2, -1), offs=offsets_E)
+        return _GROUPED_MM(self._hidden(h_SU), w_down.transpose(-2, -1), offs=offsets_E)
+
+    def _forward_loop(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for e, x_sD in enumerate(x_SD.split(counts_E.tolist())):  # one host sync for the split sizes
+            if x_sD.shape[0]:
+                outputs.append(F.linear(self._hidden(F.linear(x_sD, self.w_up[e])), self.w_down[e]))
+        if not outputs:
+            return x_SD.new_zeros(x_SD.shape)
+        return torch.cat(outputs)
+
+    def expert_forward(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
+        """Expert e on any input, written out plainly (for the naive reference)."""
+        return F.linear(self._hidden(F.linear(x_D, self.w_up[e])), self.w_down[e])
+
+
+class MoEFFN(nn.Module):
+    def __init__(self, dim: int, n_experts: int, top_k: int, d_ff: int, expert_type: str = "glu",
+                 expert_activation: str = "silu", n_shared_experts: int = 0, router_scoring: str = "softmax",
+                 norm_topk_prob: bool = True, balancing: str = "aux_loss", aux_loss_coef: float = 0.01,
+                 z_loss_coef: float = 0.001, bias_update_rate: float = 0.001, capacity_factor: float | None = None):
+        super().__init__()
+        self.n_experts, self.top_k, self.d_ff = n_experts, top_k, d_ff
+        self.n_shared_experts = n_shared_experts
+        self.balancing, self.aux_loss_coef, self.z_loss_coef = balancing, aux_loss_coef, z_loss_coef
+        self.bias_update_rate, self.capacity_factor = bias_update_rate, capacity_factor
+        self.router = Router(dim, n_experts, top_k, router_scoring, norm_topk_prob)
+        self.experts = GroupedExperts(n_experts, dim, d_ff, expert_type, expert_activation)
+        # n shared experts of width F summed == one FFN of width n·F (same parameters, one bigger matmul)
+        shared_cls = GLUFFN if expert_type == "glu" else DenseFFN
+        self.shared_experts = (shared_cls(dim, n_shared_experts * d_ff, expert_activation)
+                               if n_shared_experts else None)
+        # routed slots per expert: since reset_expert_load() (logging) and since the last bias update (aux_free)
+        self.register_buffer("load_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("pending_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
+        self.aux_loss: torch.Tensor | None = None  # coefficient-weighted sum, set by every forward
+        self.aux_losses: dict[str, torch.Tensor] = {}  # unweighted-by-nothing: each kind with its coefficient
+
+    @classmethod
+    def from_config(cls, cfg: MiniMindConfig) -> "MoEFFN":
+        f = cfg.ffn
+        return cls(cfg.hidden_size, f.n_experts, f.top_k, resolve_d_ff(f, cfg.hidden_size), f.expert_type,
+                   f.expert_activation, f.n_shared_experts, f.router_scoring, f.norm_topk_prob, f.balancing,
+                   f.aux_loss_coef, f.z_loss_coef, f.bias_update_rate, f.capacity_factor)
+
+    def active_params(self) -> int:
+        """Parameters one token touches: the router, top_k routed experts and the shared experts."""
+        per_expert = self.experts.w_up[0].numel() + self.experts.w_down[0].numel()
+        shared = sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts else 0
+        return self.router.gate.weight.numel() + self.top_k * per_expert + shared
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        n_tokens, K = x_ND.shape[0], self.top_k
+        logits_NE, probs_NE, expert_NK, weight_NK = self.router(x_ND)
+        expert_S = expert_NK.reshape(-1)
+        counts_E = torch.bincount(expert_S, minlength=self.n_experts)
+        self._losses(logits_NE, probs_NE, counts_E, n_tokens)
+        if self.training:
+            self.load_counts += counts_E
+            self.pending_counts += counts_E
+
+        order_S = torch.argsort(expert_S, stable=True)  # slot ids grouped by expert, tokens in order within each
+        run_counts_E = counts_E
+        if self.capacity_factor is not None:
+            order_S, run_counts_E = self._drop_over_capacity(order_S, counts_E, n_tokens)
+        y_sD = self.experts(x_ND[order_S // K], run_counts_E)
+        # back to (token, k) order; dropped slots stay zero
+        y_SD = y_sD.new_zeros(n_tokens * K, y_sD.shape[-1]).index_copy_(0, order_S, y_sD)
+        out_ND = torch.bmm(weight_NK.to(y_SD.dtype).unsqueeze(1), y_SD.view(n_tokens, K, -1)).squeeze(1)
+        if self.shared_experts is not None:
+            out_ND = out_ND + self.shared_experts(x_ND)
+        return out_ND.view(x_BTD.shape[:-1] + out_ND.shape[-1:])
+
+    def _drop_over_capacity(self, order_S, counts_E, n_tokens):
+        capacity = math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        expert_sorted = torch.repeat_interleave(torch.arange(self.n_experts, device=counts_E.device), counts_E)
+        position_in_expert = torch.arange(order_S.numel(), device=order_S.device) - starts_E[expert_sorted]
+        return order_S[position_in_expert < capacity], counts_E.clamp(max=capacity)
+
+    def _losses(self, logits_NE, probs_NE, counts_E, n_tokens) -> None:
+        zero = logits_NE.new_zeros(())
+        aux, z = zero, zero
+        if self.balancing == "aux_loss" and self.aux_loss_coef > 0:
+            f_E = counts_E.to(probs_NE.dtype) / (n_tokens * self.top_k)
+            aux = self.aux_loss_coef * self.n_experts * torch.sum(f_E * probs_NE.mean(dim=0))
+        if self.z_loss_coef > 0:
+            z = self.z_loss_coef * torch.logsumexp(logits_NE, dim=-1).square().mean()
+        self.aux_loss = aux + z
+        self.aux_losses = {"aux_loss": aux, "z_loss": z}
+
+    # --- observability and aux-loss-free balancing -----------------------------------------------------------
+    def expert_load(self) -> list[float]:
+        total = int(self.load_counts.sum())
+        return [0.0] * self.n_experts if total == 0 else (self.load_counts.double() / total).tolist()
+
+    def reset_expert_load(self) -> None:
+        self.load_counts.zero_()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """DeepSeek-V3: bias += γ·sign(mean load − load) from the load since the last call, once per optimizer step."""
+        if self.balancing == "aux_free" and int(self.pending_counts.sum()) > 0:
+            load_E = self.pending_counts.float()
+            self.router.selection_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.pending_counts.zero_()
+
+    @torch.no_grad()
+    def reference_forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Naive per-token loop (no sorting, no grouping) for tests; ignores capacity_factor."""
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        _, _, expert_NK, weight_NK = self.router(x_ND)
+        out_ND = torch.zeros_like(x_ND)
+        for n in range(x_ND.shape[0]):
+            for k in range(self.top_k):
+                out_ND[n] += weight_NK[n, k] * self.experts.expert_forward(int(expert_NK[n, k]), x_ND[n])
+            if self.shared_experts is not None:
+                out_ND[n] += self.shared_experts(x_ND[n])
+        return out_ND.view_as(x_BTD)
