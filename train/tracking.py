@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 import struct
 import sys
 from pathlib import Path
@@ -102,7 +104,7 @@ class WandbTracker:
         problems = []
         try:
             import wandb
-            self.id = run_id or wandb.util.generate_id()
+            self.id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         except Exception as e:  # a broken install must not stop training either
             self._warn(f"wandb is unavailable ({_short(e)}); metrics are in metrics.jsonl only")
             return

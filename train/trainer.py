@@ -132,16 +132,23 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, rt: Runtime):
-        from model.model_minimind import MiniMindForCausalLM
-        from train.data import TrainBatches, prepare_data, val_batches
-
-        t = cfg.train
-        if t.grad_accum % rt.world_size:
-            raise ConfigError(f"train.grad_accum={t.grad_accum} must be divisible by the number of processes "
-                              f"({rt.world_size}) so that the global batch stays the same")
         self.rt, self.run_dir = rt, cfg.out_dir
         self.say = print if rt.is_main else (lambda *a, **k: None)
         self.lock = self.tracker = self.metrics = None
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close(failed=True)  # e.g. release the run-directory lock
+            raise
+
+    def _setup(self, cfg: RunConfig) -> None:
+        from model.model_minimind import MiniMindForCausalLM
+        from train.data import TrainBatches, prepare_data, val_batches
+
+        t, rt = cfg.train, self.rt
+        if t.grad_accum % rt.world_size:
+            raise ConfigError(f"train.grad_accum={t.grad_accum} must be divisible by the number of processes "
+                              f"({rt.world_size}) so that the global batch stays the same")
         found = rt.on_main(lambda: self._open(cfg))
         ckpt = Path(found) if found else None
         self.prepared = rt.main_first(lambda: prepare_data(cfg.data, progress=rt.is_main))
