@@ -1,0 +1,201 @@
+"""MoE layer: routing, dispatch against a naive per-token reference, grouped vs loop paths, balancing losses."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import FFNConfig, MiniMindConfig
+from model.model_minimind import MiniMindForCausalLM
+from model.moe import MoEFFN
+
+D = 64
+
+
+def make_moe(**kw) -> MoEFFN:
+    args = dict(dim=D, n_experts=8, top_k=2, d_ff=32)
+    args.update(kw)
+    torch.manual_seed(0)
+    moe = MoEFFN(**args)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+    return moe
+
+
+CONFIGS = {
+    "softmax-top2": dict(),
+    "softmax-top1": dict(top_k=1),
+    "sigmoid-top2": dict(router_scoring="sigmoid"),
+    "sigmoid-top3-unnormalised": dict(router_scoring="sigmoid", top_k=3, norm_topk_prob=False),
+    "shared": dict(n_shared_experts=2),
+    "dense-experts-gelu": dict(expert_type="dense", expert_activation="gelu"),
+    "unaligned-width": dict(d_ff=21),  # grouped_mm cannot take this width: the loop path runs
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_naive_per_token_reference(name):
+    moe = make_moe(**CONFIGS[name])
+    x = torch.randn(3, 11, D)
+    out = moe(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, moe.reference_forward(x), atol=1e-5, rtol=1e-5)
+
+
+def test_each_token_reaches_exactly_top_k_experts():
+    moe = make_moe(top_k=3)
+    x = torch.randn(1, 6, D)
+    _, _, expert_NK, _ = moe.router(x.view(-1, D))
+    for n in range(6):  # an expert took part in token n's output iff its weights get gradient from it
+        moe.zero_grad()
+        moe(x)[0, n].sum().backward()
+        reached = {e for e in range(8) if moe.experts.w_up.grad[e].abs().sum() > 0}
+        assert reached == set(expert_NK[n].tolist())
+        assert len(reached) == 3
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="this torch has no grouped_mm; the loop is the only path")
+@pytest.mark.parametrize("cfg", [dict(), dict(expert_type="dense", expert_activation="relu2", n_shared_experts=1)])
+def test_grouped_and_loop_paths_agree(cfg):
+    moe = make_moe(**cfg)
+    x = torch.randn(2, 16, D)
+    assert moe.experts.grouped_mm_ok(x)
+    results = {}
+    for mode in ("grouped", "loop"):
+        moe.experts.mode = mode
+        moe.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        out = moe(xg)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[mode] = (out, xg.grad, *(p.grad.clone() for p in moe.parameters()))
+    for a, b in zip(results["grouped"], results["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and in bf16 autocast (the training path on CPU)
+    outs = {}
+    for mode in ("grouped", "loop"):
+        moe.experts.mode = mode
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[mode] = moe(x).float()
+    torch.testing.assert_close(outs["grouped"], outs["loop"], atol=2e-2, rtol=2e-2)
+
+
+def test_switch_aux_loss_equals_coefficient_under_uniform_routing():
+    # token n points along axis n mod E and the router maps axis e to expert e: every expert gets the same number of
+    # tokens (f_i = 1/E) and by symmetry the mean router probabilities are equal too (P_i = 1/E)
+    E, coef = 4, 0.01
+    moe = make_moe(n_experts=E, top_k=1, aux_loss_coef=coef, z_loss_coef=0.0)
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[:, :E] = 3.0 * torch.eye(E)
+    x = torch.zeros(1, 4 * E, D)
+    x[0, torch.arange(4 * E), torch.arange(4 * E) % E] = 1.0
+    moe(x)
+    assert moe.aux_losses["aux_loss"].item() == pytest.approx(coef, rel=1e-6)
+    assert moe.aux_loss.item() == pytest.approx(coef, rel=1e-6)
+
+    # collapsed routing: all tokens to expert 0 with probability p -> α·E·(1·p)
+    x = torch.zeros(1, 8, D)
+    x[0, :, 0] = 1.0
+    moe(x)
+    p0 = math.exp(3.0) / (math.exp(3.0) + E - 1)
+    assert moe.aux_losses["aux_loss"].item() == pytest.approx(coef * E * p0, rel=1e-5)
+
+
+def test_aux_loss_top2_uniform_and_z_loss_value():
+    E = 8
+    moe = make_moe(n_experts=E, top_k=2, aux_loss_coef=0.05, z_loss_coef=0.002)
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()  # all logits 0: P_i = 1/E whatever the tie-breaking does to f_i
+    moe(torch.randn(2, 8, D))
+    assert moe.aux_losses["aux_loss"].item() == pytest.approx(0.05, rel=1e-6)
+    assert moe.aux_losses["z_loss"].item() == pytest.approx(0.002 * math.log(E) ** 2, rel=1e-6)
+
+
+def test_no_aux_loss_unless_selected():
+    for balancing in ("none", "aux_free"):
+        moe = make_moe(balancing=balancing, z_loss_coef=0.0)
+        moe(torch.randn(1, 8, D))
+        assert moe.aux_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_gets_lm_loss_gradient(top_k):
+    cfg = MiniMindConfig(vocab_size=256, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_seq_len=32,
+                         ffn=FFNConfig(type="moe", n_experts=4, top_k=top_k, norm_topk_prob=True,
+                                       aux_loss_coef=0.0, z_loss_coef=0.0))
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(cfg)
+    x = torch.randint(0, 256, (2, 32))
+    out = model(x, torch.roll(x, -1, 1))
+    assert out.aux_loss.item() == 0.0
+    out.loss.backward()
+    for moe in model.moe_layers():
+        assert moe.router.gate.weight.grad.abs().max() > 0
+
+
+def test_aux_free_bias_moves_against_load_and_only_changes_selection():
+    E, rate = 4, 0.01
+    moe = make_moe(n_experts=E, top_k=1, balancing="aux_free", bias_update_rate=rate)
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[0, 0] = 5.0  # tokens with x[0] > 0 strongly prefer expert 0
+    x = torch.randn(1, 64, D)
+    x[..., 0] = x[..., 0].abs() + 1.0
+    moe.train()
+    moe(x)
+    load = moe.pending_counts.clone()
+    assert load[0] == 64
+    moe.update_bias()
+    bias = moe.router.selection_bias
+    assert bias[0].item() == pytest.approx(-rate)
+    assert torch.allclose(bias[1:], torch.full((E - 1,), rate))
+    assert moe.pending_counts.sum() == 0
+    moe.update_bias()  # nothing routed since: no move
+    assert bias[0].item() == pytest.approx(-rate)
+
+    # a large bias forces expert 3, but the gate weight is still the unbiased probability of expert 3
+    with torch.no_grad():
+        moe.router.selection_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    _, probs_NE, expert_NK, weight_NK = moe.router(x.view(-1, D))
+    assert (expert_NK == 3).all()
+    torch.testing.assert_close(weight_NK[:, 0], probs_NE[:, 3])
+
+
+def test_aux_free_update_is_noop_for_other_balancing():
+    moe = make_moe(balancing="aux_loss")
+    moe.train()
+    moe(torch.randn(1, 16, D))
+    moe.update_bias()
+    assert moe.router.selection_bias.abs().sum() == 0
+
+
+def test_expert_load_counts_training_slots_only():
+    moe = make_moe(top_k=2)
+    moe.train()
+    moe(torch.randn(2, 8, D))
+    moe(torch.randn(1, 8, D))
+    assert int(moe.load_counts.sum()) == (16 + 8) * 2
+    load = moe.expert_load()
+    assert len(load) == 8 and sum(load) == pytest.approx(1.0)
+    moe.eval()
+    moe(torch.randn(2, 8, D))
+    assert int(moe.load_counts.sum()) == 48
+    moe.reset_expert_load()
+    assert moe.expert_load() == [0.0] * 8
+
+
+def test_capacity_factor_drops_overflow_tokens_only_when_set():
+    E = 4
+    moe = make_moe(n_experts=E, top_k=1, capacity_factor=1.0)  # capacity = 1.0 · 1 · 8 / 4 = 2 slots per expert
+    with torch.no_grad():
+        moe.router.selection_bias.copy_(torch.tensor([100.0, 0, 0, 0]))  # every token picks expert 0
+    x = torch.randn(1, 8, D)
+    out = moe(x)
+    assert out[0, :2].abs().sum() > 0  # the first two tokens fit
+    assert out[0, 2:].abs().sum() == 0  # the rest are dropped (the residual carries them)
+    moe.capacity_factor = None
+    out = moe(x)
+    assert (out[0].abs().sum(-1) > 0).all()
+    torch.testing.assert_close(out, moe.reference_forward(x), atol=1e-5, rtol=1e-5)
