@@ -43,7 +43,7 @@ def tree_digest(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def full_run(tiny_data_cache, tmp_path_factory):
-    """One uninterrupted tiny run (40 steps), shared by the tests that only read it."""
+    """One uninterrupted tiny run (30 steps), shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("full") / "run"
     result = train(tiny(tiny_data_cache, out))
     return out, result
@@ -56,7 +56,7 @@ def test_loss_goes_down_on_shakespeare(full_run):
     evals = [r["val_loss"] for r in rows if r["type"] == "eval"]
     chance = math.log(512)  # a uniform guess over the 512-token vocabulary
     assert train_losses[0] > chance - 1.0  # starts near chance ...
-    assert train_losses[-1] < train_losses[0] - 0.8  # ... and learns within 40 steps
+    assert train_losses[-1] < train_losses[0] - 0.8  # ... and learns within 30 steps
     assert evals[-1] < evals[0] < chance - 0.5
     assert result["val_loss"] == evals[-1] and 0 < result["val_bpb"] < result["val_loss"] / math.log(2)
 
@@ -65,15 +65,15 @@ def test_metrics_jsonl_is_complete(full_run):
     out, result = full_run
     rows = read_metrics(out / "metrics.jsonl")
     trains = [r for r in rows if r["type"] == "train"]
-    assert [r["step"] for r in trains] == list(range(5, 41, 5))
+    assert [r["step"] for r in trains] == list(range(5, 31, 5))
     for r in trains:
         assert r["tokens"] == r["step"] * 8 * 64
         for key in ("time", "loss", "lr", "grad_norm", "tok_per_s", "mfu"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
-    assert [r["step"] for r in rows if r["type"] == "eval"] == [20, 40]
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [15, 30]
     assert all(r["val_tokens"] == 4096 and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
                for r in rows if r["type"] == "eval")
-    assert rows[-1]["type"] == "final" and rows[-1]["step"] == 40 and rows[-1]["val_loss"] == result["val_loss"]
+    assert rows[-1]["type"] == "final" and rows[-1]["step"] == 30 and rows[-1]["val_loss"] == result["val_loss"]
     samples = json.loads((out / "samples.json").read_text())["samples"]
     assert [s["prompt"] for s in samples] == ["ROMEO:", "To be, or not to be"]
     assert "ROMEO:" in (out / "samples.md").read_text()
@@ -81,11 +81,11 @@ def test_metrics_jsonl_is_complete(full_run):
 
 def test_run_files_load_with_safetensors_alone_and_load_run(full_run):
     out, _ = full_run
-    assert [s for s, _ in list_checkpoints(out)] == [20, 40]
+    assert [s for s, _ in list_checkpoints(out)] == [15, 30]
     weights = load_file(str(out / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())
     state = torch.load(out / "state.pt", weights_only=True)
-    assert state["step"] == 40 and state["tokens"] == 40 * 512
+    assert state["step"] == 30 and state["tokens"] == 30 * 512
     model, tokenizer, cfg = load_run(out)
     assert cfg.model.vocab_size == 512 and tokenizer.get_vocab_size() == 512
     for name, tensor in weights.items():

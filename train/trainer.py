@@ -168,8 +168,10 @@ class Trainer:
         self.ddp_model = self.model
         if rt.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
+            # find_unused_parameters: an expert may get no tokens in a micro-batch. broadcast_buffers=False: the MoE
+            # load counters are per rank (summed explicitly where needed), not rank 0's copied everywhere.
             self.ddp_model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                 find_unused_parameters=self.is_moe)  # an expert may get no tokens in a micro-batch
+                                 find_unused_parameters=self.is_moe, broadcast_buffers=False)
         self.step_model = torch.compile(self.ddp_model) if t.compile else self.ddp_model
         self.batches = TrainBatches(self.prepared.train_path, self.prepared.dtype, self.seq_len, t.micro_batch_size,
                                     self.local_accum, t.seed, rt.rank, rt.world_size)
@@ -339,7 +341,7 @@ class Trainer:
             else:
                 self.optimizer.step()
             if self.is_moe:
-                self.model.update_router_bias()
+                self._update_router_bias()
             m = self.meter
             m["loss"] += loss
             m["grad_norm"] += grad_norm if math.isfinite(grad_norm) else 0.0
@@ -358,6 +360,14 @@ class Trainer:
                                    f"train.nan_policy=skip")
         self.optimizer.zero_grad(set_to_none=True)
         return reduced[1] > 0
+
+    def _update_router_bias(self) -> None:
+        """Aux-loss-free balancing from the load of the whole global batch, so every rank's bias stays the same."""
+        if self.rt.ddp and any(layer.balancing == "aux_free" for layer in self.model.moe_layers()):
+            import torch.distributed as dist
+            for layer in self.model.moe_layers():
+                dist.all_reduce(layer.pending_counts)
+        self.model.update_router_bias()
 
     # -- logging, eval, checkpoints ------------------------------------------------------------------------------
     def _log_train(self) -> None:
