@@ -114,9 +114,13 @@ def test_failed_write_keeps_previous_checkpoint_and_names_path_and_cause(tmp_pat
     ck.verify_checkpoint(good)
 
 
-def test_saving_the_same_step_again_replaces_it(tmp_path):
+def test_saving_the_same_step_again_keeps_an_intact_copy_and_replaces_a_damaged_one(tmp_path):
     model = Tied()
+    first = _save(tmp_path, 5, model)
+    written = (first / "manifest.json").read_bytes()
     _save(tmp_path, 5, model)
+    assert (first / "manifest.json").read_bytes() == written  # intact: left as it was
+    (first / "state.pt").write_bytes(b"damaged")
     with torch.no_grad():
         model.proj.bias.fill_(3.0)
     path = _save(tmp_path, 5, model)

@@ -220,3 +220,21 @@ def test_rerunning_a_finished_run_does_nothing(full_run, tiny_data_cache):
     again = train(tiny(tiny_data_cache, out))
     assert again["val_loss"] == result["val_loss"]
     assert tree_digest(out) == before
+
+
+def test_wandb_failing_mid_run_is_switched_off_with_one_warning(capsys):
+    from train.config import RunConfig
+    from train.tracking import WandbTracker
+
+    class BrokenRun:
+        def log(self, *args, **kwargs):
+            raise ConnectionError("network went away")
+
+    tracker = WandbTracker(RunConfig(wandb={"mode": "disabled"}), Path("."), None, {}, {})
+    tracker.run = BrokenRun()
+    tracker.log({"type": "train", "step": 1, "loss": 1.0}, step=1)  # must not raise
+    tracker.log({"type": "train", "step": 2, "loss": 0.5}, step=2)
+    tracker.finish()
+    err = capsys.readouterr().err
+    assert tracker.run is None
+    assert err.count("warning:") == 1 and "network went away" in err and "metrics.jsonl" in err

@@ -191,6 +191,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     root = run_dir / CKPT_SUBDIR
     final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if final.is_dir() and _verifies(final):
+        # The same step again (e.g. stopped right after resuming): same weights and state, keep the intact copy
+        # rather than open a window in which no complete checkpoint of this step exists.
+        return _finish_save(run_dir, final, step, keep_last)
     try:
         weights = weights_to_bytes(model, {"step": step})
         buf = io.BytesIO()
@@ -208,7 +212,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: marks the files complete
         _fsync_dir(tmp)
         old = None
-        if final.exists():  # same step again (e.g. interrupted right after a resume): swap, never delete first
+        if final.exists():  # a damaged checkpoint of this step (resume passed over it): move it aside, then replace
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
@@ -218,10 +222,22 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {_cause(e)}") from None
+    return _finish_save(run_dir, final, step, keep_last)
+
+
+def _finish_save(run_dir: Path, final: Path, step: int, keep_last: int) -> Path:
     for name in (WEIGHTS, STATE):
         _publish(final / name, run_dir / name)
     _prune(run_dir, step, keep_last)
     return final
+
+
+def _verifies(ckpt: Path) -> bool:
+    try:
+        verify_checkpoint(ckpt)
+        return True
+    except CheckpointError:
+        return False
 
 
 def _publish(src: Path, dst: Path) -> None:
@@ -246,9 +262,16 @@ def _prune(run_dir: Path, newest: int, keep_last: int) -> None:
     ckpts = list_checkpoints(run_dir)
     older = [p for s, p in ckpts if s <= newest]
     doomed = older[:-keep_last] + [p for s, p in ckpts if s > newest]
-    doomed += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    doomed += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-", ".trash-"))]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        trash = path
+        if not path.name.startswith("."):  # rename first: a kill mid-delete must not leave a half `step_*`
+            trash = root / f".trash-{path.name}-{os.getpid()}"
+            try:
+                os.replace(path, trash)
+            except OSError:
+                continue
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -199,8 +199,9 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit without)",
-              file=sys.stderr, flush=True)
+        if sys.stderr.isatty():  # logs and callers get just the one line printed on exit
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit "
+                  "without)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

@@ -1,11 +1,15 @@
 """Observability: metrics.jsonl (always), wandb (optional, never fatal), the start summary, sample files.
 
 metrics.jsonl has one JSON object per line with a `type`:
-  train  step, tokens, time (training seconds, summed over resumes), loss, lr, grad_norm, tok_per_s, mfu, aux
-         losses (aux_*), expert_load (per MoE layer, fraction of routed slots per expert since the previous line)
+  train  step, tokens, time (seconds since the start, summed over resumes), loss (mean over the steps since the
+         previous line), lr, grad_norm, tok_per_s, mfu; MoE only: aux_loss, z_loss (balancing terms with their
+         coefficients) and expert_load (per MoE layer, fraction of routed slots per expert since the previous line);
+         skipped (steps skipped for a non-finite loss, when any)
   eval   step, tokens, time, val_loss, val_ppl, val_bpb, val_tokens
   final  the final metrics returned by `train()`
-`step` counts optimizer steps completed. On resume every line after the checkpoint's step is dropped so that the file
+`step` counts optimizer steps completed. mfu = FLOPs/token (model.flops_per_token) x tok_per_s / peak, the peak being
+train.peak_flops or, when null, a square matmul in the training precision timed at start (runtime.measure_peak_flops):
+a fraction of what this machine's matmul kernel reaches, not of a datasheet number. On resume every line after the checkpoint's step is dropped so that the file
 reads as if the run had never stopped.
 
 wandb is imported lazily (it takes seconds) and every call is guarded: if it cannot start the run falls back to
@@ -178,8 +182,8 @@ def _wandb_record(record: dict) -> dict:
                     out[f"moe/max_load_l{li}"] = max(layer) * len(layer)  # 1.0 = perfectly balanced
         elif key.startswith("val_"):
             out[f"val/{key[4:]}"] = value
-        elif key.startswith("aux_"):
-            out[f"aux/{key[4:]}"] = value
+        elif key.endswith("_loss") and key != "loss":  # MoE balancing terms
+            out[f"aux/{key}"] = value
         else:
             out[f"train/{key}"] = value
     return _clean(out)

@@ -204,6 +204,8 @@ class Trainer:
         self.wandb_id = state.get("wandb_id")
         self.meter = {**self._new_meter(), **(state.get("meter") or {})}
         self.saved_step, self.saved_path = self.step, str(ckpt)
+        for layer, counts in zip(self.model.moe_layers(), state.get("expert_load_counts") or []):
+            layer.load_counts.copy_(counts)  # the open logging window, so the next expert_load line matches
         if state.get("world_size", 1) != self.rt.world_size:
             self.say(f"note: the checkpoint was written by {state.get('world_size')} process(es), this run has "
                      f"{self.rt.world_size}: same global batch, but not bitwise identical to an uninterrupted run")
@@ -385,7 +387,7 @@ class Trainer:
                "time": round(self.elapsed, 3), "loss": m["loss"] / steps if m["steps"] else float("nan"),
                "lr": lr_at(self.step - 1, self.cfg.train, self.max_steps), "grad_norm": m["grad_norm"] / steps,
                "tok_per_s": tok_per_s, "mfu": self.flops_per_token * tok_per_s / self.peak_flops}
-        rec.update({f"aux_{k}": v / steps for k, v in m["aux"].items()})
+        rec.update({k: v / steps for k, v in m["aux"].items()})  # MoE: aux_loss, z_loss (with coefficients)
         if m["skipped"]:
             rec["skipped"] = m["skipped"]
         if load is not None:
@@ -428,6 +430,7 @@ class Trainer:
                      "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "rng": rngs, "meter": self.meter, "wandb_id": self.wandb_id,
+                     "expert_load_counts": [layer.load_counts.cpu() for layer in self.model.moe_layers()],
                      "world_size": self.rt.world_size, "loader": {"seed": self.cfg.train.seed, "step": self.step},
                      "scheduler": {"step": self.step, "max_steps": self.max_steps}}
             path = ck.save_checkpoint(self.run_dir, self.step, self.model, state, self.config_dict,
