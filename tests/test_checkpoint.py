@@ -17,6 +17,7 @@ from train import checkpoint as ck
 from train.config import TrainConfig
 from train.errors import CheckpointError
 from train.optim import build_optimizer, lr_at, plan_budget
+from train.rundir import RunLock
 from train.tracking import MetricsLog, read_metrics
 
 
@@ -170,21 +171,21 @@ def _roundtrip(obj):
 
 
 def test_lock_refuses_a_second_holder_and_is_freed_when_the_holder_dies(tmp_path):
-    with ck.RunLock(tmp_path):
+    with RunLock(tmp_path):
         with pytest.raises(CheckpointError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
-            ck.RunLock(tmp_path).acquire()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.checkpoint import RunLock; "
+            RunLock(tmp_path).acquire()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.rundir import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):
-            ck.RunLock(tmp_path).acquire()
+            RunLock(tmp_path).acquire()
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=10)
     finally:
         holder.kill()
-    lock = ck.RunLock(tmp_path).acquire()  # the dead holder's lock file is still there: taken over
+    lock = RunLock(tmp_path).acquire()  # the dead holder's lock file is still there: taken over
     lock.release()
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, verified safe load, exact-resume state, the run-directory lock, `load_run`.
+"""Checkpoints: atomic save, verified safe load, exact-resume state, `load_run`.
 
 Layout of a run directory:
     config.yaml, tokenizer.json, metrics.jsonl, samples.json, samples.md
@@ -7,7 +7,7 @@ Layout of a run directory:
         model.safetensors              fp32 weights (tied weights stored once, aliases in the metadata)
         state.pt                       training state: tensors and primitive containers only (weights_only-loadable)
         manifest.json                  step, resolved config, size + sha256 of the two files above
-    .lock                              fcntl lock held by the training process
+    .lock                              fcntl lock held by the training process (train/rundir.py)
 
 A checkpoint is written into `checkpoints/.tmp-...`, fsynced, its manifest written last, then renamed into place, so
 a directory named `step_*` is always complete; a kill at any moment leaves at worst a stale temp directory. Loading
@@ -16,7 +16,6 @@ arbitrary objects: weights come from safetensors, state from `torch.load(weights
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -71,11 +70,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {_cause(e)}") from None
+        raise CheckpointError(f"cannot write {path}: {error_cause(e)}") from None
     _fsync_dir(path.parent)
 
 
-def _cause(e: BaseException) -> str:
+def error_cause(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return " ".join(str(e).split()) or e.__class__.__name__
@@ -127,7 +126,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             meta = f.metadata() or {}
         aliases = json.loads(meta.get("aliases", "{}"))
     except Exception as e:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"cannot read weights {path}: {_cause(e)}") from None
+        raise CheckpointError(f"cannot read weights {path}: {error_cause(e)}") from None
     for name, target in aliases.items():
         if target in tensors:
             tensors[name] = tensors[target]
@@ -221,7 +220,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
             shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {_cause(e)}") from None
+        raise CheckpointError(f"cannot write checkpoint {final}: {error_cause(e)}") from None
     return _finish_save(run_dir, final, step, keep_last)
 
 
@@ -252,7 +251,7 @@ def _publish(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {dst}: {_cause(e)}") from None
+        raise CheckpointError(f"cannot write {dst}: {error_cause(e)}") from None
 
 
 def _prune(run_dir: Path, newest: int, keep_last: int) -> None:
@@ -284,7 +283,7 @@ def read_manifest(ckpt: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt} is incomplete: no {MANIFEST}") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {_cause(e)}") from None
+        raise CheckpointError(f"cannot read {path}: {error_cause(e)}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path} is not a checkpoint manifest")
     return manifest
@@ -334,52 +333,11 @@ def load_state(ckpt: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        reason = _cause(e).split(". ")[0][:200]
+        reason = error_cause(e).split(". ")[0][:200]
         raise CheckpointError(f"refusing to load {path}: not a plain tensor/primitive state file ({reason})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a training state file (no 'step')")
     return state
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Lock
-
-class RunLock:
-    """An exclusive fcntl lock on run_dir/.lock. The OS drops it when the holder dies, so a stale lock left by a
-    killed run never blocks the next one."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self.fd: Optional[int] = None
-
-    def acquire(self) -> "RunLock":
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise CheckpointError(f"cannot create lock file {self.path}: {_cause(e)}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise CheckpointError(f"run directory {self.path.parent} is in use by another training process "
-                                  f"(pid {holder}); wait for it to finish or choose another train.out_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # ----------------------------------------------------------------------------------------------------------------

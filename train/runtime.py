@@ -6,6 +6,7 @@ on CUDA. Rank 0 ("main") logs and writes; every rank computes.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -135,6 +137,12 @@ def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None) ->
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else "cpu")
     return Runtime(device=dev, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def measure_peak_flops(rt: Runtime, budget_s: float = 0.2) -> float:

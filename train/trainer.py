@@ -13,30 +13,22 @@ Shapes: x_BT / y_BT are (batch, time) token ids.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from train import checkpoint as ck
 from train.config import RunConfig
 from train.errors import CheckpointError, ConfigError, UserError
 from train.optim import build_optimizer, lr_at, plan_budget
-from train.runtime import Runtime, StopRequest, measure_peak_flops, setup_runtime
+from train.rundir import check_same_model, open_run_dir, resolve_vocab
+from train.runtime import Runtime, StopRequest, measure_peak_flops, seed_everything, setup_runtime
 from train.tracking import MetricsLog, WandbTracker, read_metrics, start_summary, warn, write_samples
-
-# What a run directory may hold; other files in a directory without a checkpoint mean it is not ours to reuse.
-RUN_FILES = {"config.yaml", "tokenizer.json", "metrics.jsonl", "samples.json", "samples.md", ck.WEIGHTS, ck.STATE,
-             ck.CKPT_SUBDIR, "wandb", ".lock"}
-# Model keys that may change on resume: they change neither the shapes nor the meaning of the weights.
-RESUMABLE_MODEL_KEYS = {"dropout", "init_std"}
 
 
 class TrainingDiverged(UserError):
@@ -50,82 +42,19 @@ class TrainingInterrupted(KeyboardInterrupt):
 def train(cfg: RunConfig) -> dict:
     """Train (or resume) the run described by `cfg`; returns the final metrics (val_loss, val_bpb, tokens, ...)."""
     rt = setup_runtime(cfg.train.device, cfg.train.dtype, cfg.train.num_threads)
-    trainer = None
+    trainer, failed = None, True
     try:
         trainer = Trainer(cfg, rt)
-        return trainer.run()
+        result = trainer.run()
+        failed = False
+        return result
+    except TrainingInterrupted:
+        failed = False  # stopped cleanly with a checkpoint
+        raise
     finally:
         if trainer is not None:
-            trainer.close(failed=sys.exc_info()[0] is not None)
+            trainer.close(failed=failed)
         rt.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run directory and config rules
-
-def open_run_dir(cfg: RunConfig) -> tuple[ck.RunLock, Optional[Path]]:
-    """Apply the resume rules to cfg.out_dir, lock it, and return the checkpoint to resume from (None: fresh)."""
-    run_dir, mode = cfg.out_dir, cfg.train.resume
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"train.out_dir {run_dir} is a file, not a directory")
-    contents = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") if run_dir.is_dir() else []
-    if mode == "false" and contents:
-        raise ConfigError(f"run directory {run_dir} is not empty and train.resume=false: choose another "
-                          f"train.out_dir (or name), or use train.resume=auto to continue it")
-    if mode == "true" and not ck.list_checkpoints(run_dir):
-        raise CheckpointError(f"train.resume=true but {run_dir} has no checkpoint to resume from")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-    lock = ck.RunLock(run_dir).acquire()
-    try:
-        found = ck.find_resumable(run_dir, say=print)
-        foreign = [name for name in contents if name not in RUN_FILES]
-        if found is None and foreign:
-            raise ConfigError(f"run directory {run_dir} holds other files ({', '.join(foreign[:3])}) and no "
-                              f"checkpoint; choose another train.out_dir")
-    except BaseException:
-        lock.release()
-        raise
-    return lock, found
-
-
-def _first_difference(old: dict, new: dict, prefix: str) -> Optional[tuple[str, object, object]]:
-    for key in list(old) + [k for k in new if k not in old]:
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}.{key}")
-            if found:
-                return found
-        elif a != b and key not in RESUMABLE_MODEL_KEYS:
-            return f"{prefix}.{key}", a, b
-    return None
-
-
-def check_same_model(ckpt: Path, cfg: RunConfig) -> None:
-    """Refuse to resume a checkpoint whose resolved model section differs from `cfg`'s, naming the first key."""
-    old = ck.read_manifest(ckpt).get("config", {}).get("model", {})
-    diff = _first_difference(old, cfg.to_dict()["model"], "model")
-    if diff:
-        key, was, now = diff
-        raise ConfigError(f"{key}={now!r} differs from the checkpoint in {ckpt.parent.parent} ({key}={was!r}); a "
-                          f"run's model cannot change on resume: use its settings or a new train.out_dir")
-
-
-def resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
-    if cfg.model.vocab_size is None:
-        return cfg.model_copy(update={"model": dataclasses.replace(cfg.model, vocab_size=vocab_size)})
-    if cfg.model.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({vocab_size}); set it to >= {vocab_size} or null")
-    return cfg
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +243,7 @@ class Trainer:
         lr = lr_at(self.step, t, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, aux_sums = 0.0, {}
+        loss_sum, aux_sums = torch.zeros((), device=rt.device), {}
         for micro in range(self.local_accum):
             x_BT, y_BT = self.batches.get(self.step, micro)
             x_BT, y_BT = x_BT.to(rt.device, non_blocking=True), y_BT.to(rt.device, non_blocking=True)
@@ -324,7 +253,7 @@ class Trainer:
                     out = self.step_model(x_BT, y_BT)
                     objective = (out.loss + out.aux_loss) / self.local_accum
                 (self.scaler.scale(objective) if self.scaler else objective).backward()
-            loss_sum += float(out.loss.detach())
+            loss_sum += out.loss.detach().float()  # summed on the device: one sync per step, not per micro-step
             for key, value in (out.aux_losses or {}).items():
                 aux_sums[key] = aux_sums.get(key, 0.0) + float(value)
         if self.scaler is not None:
@@ -332,7 +261,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                          t.grad_clip if t.grad_clip > 0 else float("inf")))
         aux_keys = sorted(aux_sums)
-        reduced = rt.all_reduce_sum([loss_sum / self.local_accum, float(stop.signum is not None)]
+        reduced = rt.all_reduce_sum([float(loss_sum) / self.local_accum, float(stop.signum is not None)]
                                     + [aux_sums[k] / self.local_accum for k in aux_keys])
         loss = reduced[0] / rt.world_size
         finite = math.isfinite(loss) and (self.scaler is not None or math.isfinite(grad_norm))
@@ -352,6 +281,8 @@ class Trainer:
                 m["aux"][key] = m["aux"].get(key, 0.0) + value / rt.world_size
         elif t.nan_policy == "skip":
             self.meter["skipped"] += 1
+            for layer in self.model.moe_layers():  # the skipped step's routing must not steer the balancing bias
+                layer.pending_counts.zero_()
             self.say(f"warning: non-finite loss/grad norm at step {self.step + 1} "
                      f"(loss={loss}, grad_norm={grad_norm}); step skipped (train.nan_policy=skip)")
         else:
@@ -441,6 +372,7 @@ class Trainer:
         self.saved_step = self.step
 
     def _finish(self) -> dict:
+        from train.data import load_tokenizer
         from train.evaluate import generate_samples
 
         t, rt = self.cfg.train, self.rt
@@ -455,7 +387,7 @@ class Trainer:
                  "run_dir": str(self.run_dir), "wandb_id": self.wandb_id,
                  "wandb_dir": self.tracker.dir if self.tracker else None}
         if rt.is_main:
-            samples = generate_samples(self.model, _tokenizer(self.run_dir), t.sample_prompts,
+            samples = generate_samples(self.model, load_tokenizer(self.run_dir / "tokenizer.json"), t.sample_prompts,
                                        t.sample_max_new_tokens, t.sample_temperature, t.sample_top_k, t.seed,
                                        rt.device, self.prepared.eos_id)
             write_samples(self.run_dir, samples, self.step)
@@ -473,7 +405,3 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-
-def _tokenizer(run_dir: Path):
-    from train.data import load_tokenizer
-    return load_tokenizer(run_dir / "tokenizer.json")

@@ -1,0 +1,124 @@
+"""Run-directory rules: the lock, what may be resumed, and what a resumed run may change.
+
+- train.resume=false refuses a non-empty directory; train.resume=true needs a checkpoint; auto resumes the newest
+  checkpoint that verifies, or starts fresh in an empty directory (or one holding only a run's own files).
+- One process per directory: an exclusive fcntl lock on `.lock`, released by the OS when its holder dies.
+- A resumed run's resolved model section must equal the checkpoint's (except keys that leave the weights' shapes and
+  meaning alone), and the error names the first key that differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+from pathlib import Path
+from typing import Optional
+
+from train import checkpoint as ck
+from train.checkpoint import error_cause
+from train.config import RunConfig
+from train.errors import CheckpointError, ConfigError
+
+# What a run directory may hold; other files in a directory without a checkpoint mean it is not ours to reuse.
+RUN_FILES = {"config.yaml", "tokenizer.json", "metrics.jsonl", "samples.json", "samples.md", ck.WEIGHTS, ck.STATE,
+             ck.CKPT_SUBDIR, "wandb", ".lock"}
+# Model keys that may change on resume: they change neither the shapes nor the meaning of the weights.
+RESUMABLE_MODEL_KEYS = {"dropout", "init_std"}
+
+
+class RunLock:
+    """An exclusive fcntl lock on run_dir/.lock. The OS drops it when the holder dies, so a stale lock left by a
+    killed run never blocks the next one."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot create lock file {self.path}: {error_cause(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(f"run directory {self.path.parent} is in use by another training process "
+                                  f"(pid {holder}); wait for it to finish or choose another train.out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+
+def open_run_dir(cfg: RunConfig) -> tuple[RunLock, Optional[Path]]:
+    """Apply the resume rules to cfg.out_dir, lock it, and return the checkpoint to resume from (None: fresh)."""
+    run_dir, mode = cfg.out_dir, cfg.train.resume
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.out_dir {run_dir} is a file, not a directory")
+    contents = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") if run_dir.is_dir() else []
+    if mode == "false" and contents:
+        raise ConfigError(f"run directory {run_dir} is not empty and train.resume=false: choose another "
+                          f"train.out_dir (or name), or use train.resume=auto to continue it")
+    if mode == "true" and not ck.list_checkpoints(run_dir):
+        raise CheckpointError(f"train.resume=true but {run_dir} has no checkpoint to resume from")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    lock = RunLock(run_dir).acquire()
+    try:
+        found = ck.find_resumable(run_dir, say=print)
+        foreign = [name for name in contents if name not in RUN_FILES]
+        if found is None and foreign:
+            raise ConfigError(f"run directory {run_dir} holds other files ({', '.join(foreign[:3])}) and no "
+                              f"checkpoint; choose another train.out_dir")
+    except BaseException:
+        lock.release()
+        raise
+    return lock, found
+
+
+def _first_difference(old: dict, new: dict, prefix: str) -> Optional[tuple[str, object, object]]:
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}.{key}")
+            if found:
+                return found
+        elif a != b and key not in RESUMABLE_MODEL_KEYS:
+            return f"{prefix}.{key}", a, b
+    return None
+
+
+def check_same_model(ckpt: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a checkpoint whose resolved model section differs from `cfg`'s, naming the first key."""
+    old = ck.read_manifest(ckpt).get("config", {}).get("model", {})
+    diff = _first_difference(old, cfg.to_dict()["model"], "model")
+    if diff:
+        key, was, now = diff
+        raise ConfigError(f"{key}={now!r} differs from the checkpoint in {ckpt.parent.parent} ({key}={was!r}); a "
+                          f"run's model cannot change on resume: use its settings or a new train.out_dir")
+
+
+def resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    if cfg.model.vocab_size is None:
+        return cfg.model_copy(update={"model": dataclasses.replace(cfg.model, vocab_size=vocab_size)})
+    if cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({vocab_size}); set it to >= {vocab_size} or null")
+    return cfg
