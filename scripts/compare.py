@@ -1,7 +1,7 @@
 """Compare FFN variants: train every (variant, seed) of a sweep file, then write report.md/report.json/plots.
 
     python scripts/compare.py --config configs/compare/shakespeare.yaml [key=value ...]
-        [--variants gelu,swiglu] [--seeds 0,1] [--dry-run] [--report-only]
+        [--variants gelu,swiglu] [--seeds 0,1] [--out-dir DIR] [--dry-run] [--report-only]
 
 key=value overrides apply to every run (e.g. train.max_steps=20). Finished runs are skipped and an interrupted run
 resumes from its last checkpoint, so the same command continues a sweep. --dry-run prints the plan (runs, parameter
@@ -20,10 +20,14 @@ from train.compare import SweepPlan, VariantInfo, model_vocab, plan_sweep, run_s
 from train.config import RunConfig
 from train.errors import ConfigError
 
-# Fraction of the trainer's measured matmul peak (train.runtime.measure_peak_flops) a whole training step of a small
-# model reaches (attention, norms, optimizer, MoE dispatch, evaluation and Python overhead included). Calibrated on a
-# 2-core CPU with configs/compare/shakespeare.yaml (see its header). A stated assumption, not a promise.
-STEP_EFFICIENCY = 0.35
+# The time estimate of --dry-run: FLOPs / (a square matmul's FLOP/s measured now × STEP_EFFICIENCY), × MOE_SLOWDOWN
+# for MoE variants, + RUN_OVERHEAD_S per run (start-up, wandb, checkpoints, samples). Calibrated on a 2-core AMD EPYC
+# (AVX2) in fp32 with configs/compare/shakespeare.yaml's model: a dense training step reached ~0.4 of the 512×512
+# matmul rate, the 8-expert top-2 MoE ~1.25× the dense step time. Rough, stated assumptions: on a GPU small models
+# reach a much smaller fraction of the matmul peak, so expect the estimate to be optimistic there.
+STEP_EFFICIENCY = 0.4
+MOE_SLOWDOWN = 1.25
+RUN_OVERHEAD_S = 10.0
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -49,25 +53,38 @@ def eval_tokens_total(cfg: RunConfig) -> int:
     return (steps // t.eval_interval + 1) * (t.eval_tokens or 0)
 
 
-def measure_rate(cfg: RunConfig) -> tuple[float, str]:
-    """The trainer's own matmul peak in the run's precision on this machine (about 0.1 s)."""
-    import torch
+def measure_rate(cfg: RunConfig, seconds: float = 0.2) -> tuple[float, str]:
+    """FLOP/s of a square matmul in the run's precision on this machine (n=512 on CPU, 4096 on CUDA; ~0.2 s)."""
+    import time
 
-    from train.runtime import Runtime
+    import torch
     device = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     dtype = cfg.train.dtype if not (device == "cpu" and cfg.train.dtype == "fp16") else "fp32"
     if cfg.train.num_threads and device == "cpu":
         torch.set_num_threads(cfg.train.num_threads)
-    from train.runtime import measure_peak_flops
-    rate = measure_peak_flops(Runtime(device=torch.device(device), dtype=dtype))
-    note = "" if device == cfg.train.device or cfg.train.device == "auto" else f" (config says {cfg.train.device})"
+    n = 4096 if device == "cuda" else 512
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(torch_dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(torch_dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    start, reps = time.perf_counter(), 0
+    while reps == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        sync()
+        reps += 1
+    rate = 2 * n ** 3 * reps / (time.perf_counter() - start)
+    note = "" if cfg.train.device in ("auto", device) else f", config asks for {cfg.train.device}"
     return rate, f"{device} {dtype}{note}"
 
 
 def estimate_seconds(info: VariantInfo, rate: float) -> float:
     cfg = info.cfg
     flops = info.flops_per_token * (run_tokens(cfg) + eval_tokens_total(cfg) / 3)  # evaluation: forward only
-    return flops / (rate * STEP_EFFICIENCY)
+    slowdown = MOE_SLOWDOWN if cfg.model.ffn.type == "moe" else 1.0
+    return flops / (rate * STEP_EFFICIENCY) * slowdown + RUN_OVERHEAD_S
 
 
 def _ffn_label(info: VariantInfo) -> str:
@@ -111,7 +128,8 @@ def format_plan(plan: SweepPlan, rate: float, rate_label: str) -> str:
         lines.append(line + ("" if info.name in n_runs else "  (reference only, not run)"))
     lines += ["", f"{len(plan.runs)} runs: {', '.join(r.name for r in plan.runs)}",
               f"estimated time: {total_s / 60:.1f} min = FLOPs/token × tokens / ({rate / 1e9:.1f} GFLOP/s matmul peak "
-              f"measured now, {rate_label}, × {STEP_EFFICIENCY} assumed step efficiency); rough, ±2× is normal"]
+              f"measured now, {rate_label}, × {STEP_EFFICIENCY} assumed step efficiency; MoE × {MOE_SLOWDOWN}; "
+              f"+ {RUN_OVERHEAD_S:.0f} s per run); rough: ±2× is normal, more on a busy machine"]
     return "\n".join(lines)
 
 
@@ -121,10 +139,11 @@ def main() -> int:
     parser.add_argument("--seeds", help="comma-separated seeds instead of the sweep's seeds")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and estimates; train nothing")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from existing runs")
+    parser.add_argument("--out-dir", help="sweep directory instead of the sweep's out_dir (default runs/<name>)")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
-    plan = plan_sweep(args.config, args.overrides, variants=variants, seeds=seeds)
+    plan = plan_sweep(args.config, args.overrides, variants=variants, seeds=seeds, out_dir=args.out_dir)
     if args.dry_run:
         rate, label = measure_rate(plan.runs[0].cfg)
         print(format_plan(plan, rate, label))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
@@ -108,6 +109,9 @@ def test_delta_paired_unpaired_and_noise():
     # unpaired (no common seeds): var(a) = 0.02, var(b) = 0.08 -> SE = sqrt(0.01 + 0.04)
     d, se = delta_vs({0: 1.0, 1: 1.2}, {2: 1.0, 3: 1.4})
     assert d == pytest.approx(-0.1) and se == pytest.approx(math.sqrt(0.05))
+    # the train-loss smoothing is a centered mean whose window shrinks at the ends (no EMA lag)
+    from train.plots import _smooth
+    assert _smooth(np.array([1.0, 2.0, 3.0, 4.0, 9.0]), 3).tolist() == pytest.approx([1.5, 2.0, 3.0, 16 / 3, 6.5])
     # one seed each: noise unknown
     d, se = delta_vs({0: 1.5}, {0: 1.25})
     assert d == pytest.approx(0.25) and se is None and within_noise(d, se) is None
@@ -172,3 +176,125 @@ def test_summary_markdown_and_plots_from_synthetic_runs(tmp_path):
                      "train_loss_smoothed.png", "val_loss_vs_flops.png", "val_loss_vs_tokens.png",
                      "val_loss_vs_wallclock.png"]
     assert all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000 for p in paths)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning with the real model: parameter match, dry-run
+
+def dry_run(monkeypatch, capsys, *args) -> str:
+    import importlib
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    script = importlib.import_module("compare")
+    monkeypatch.setattr(compare, "train_run", lambda cfg: pytest.fail("--dry-run trained something"))
+    monkeypatch.setattr(sys, "argv", ["scripts/compare.py", *args, "--dry-run"])
+    assert script.main() == 0
+    return capsys.readouterr().out
+
+
+def test_param_mismatch_is_refused_with_one_line_and_exit_2(tmp_sweep_dir):
+    fat = {**GELU, "model.ffn.d_ff": 512}  # the matched width at hidden 64 is 256
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "fat": fat})
+    proc = subprocess.run([sys.executable, "scripts/compare.py", "--config", str(path), "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "parameter mismatch" in lines[0]
+    assert "'fat'" in lines[0] and "tolerance 2%" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_sweep_dir / "runs").exists()
+    # the same variant with an explicit opt-out is planned, and reported as not matched
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "fat": {"overrides": fat, "match": False}})
+    plan = plan_sweep(path)
+    assert plan.variants["fat"].matched_on == "-" and plan.variants["fat"].counts["ffn"] == 2 * plan.variants["gelu"].counts["ffn"]
+
+
+def test_moe_is_matched_on_active_params_and_dry_run_trains_nothing(tmp_sweep_dir, monkeypatch, capsys):
+    moe = {"model.ffn.type": "moe", "model.ffn.n_experts": 4, "model.ffn.top_k": 2}
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "swiglu": SWIGLU, "moe": moe}, seeds=[0, 1])
+    plan = plan_sweep(path)
+    base, m = plan.variants["gelu"], plan.variants["moe"]
+    assert (base.matched_on, m.matched_on) == ("total", "active")
+    assert m.counts["total"] > 1.3 * base.counts["total"] and abs(m.rel_diff) <= 0.02
+    out = dry_run(monkeypatch, capsys, "--config", str(path), "--variants", "swiglu,moe", "--seeds", "1")
+    assert "2 runs: swiglu-s1, moe-s1" in out and "gelu" in out and "reference only" in out
+    assert "estimated time" in out and f"{m.counts['active']:,}" in out
+    assert not (tmp_sweep_dir / "runs").exists()
+
+
+SHIPPED = sorted((ROOT / "configs" / "compare").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_sweeps_pass_dry_run(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # runs/<name> would appear here if anything were written
+    out = dry_run(monkeypatch, capsys, "--config", str(path))
+    sweep, _ = load_sweep(path)
+    assert all(name in out for name in sweep.variants) and "estimated time" in out
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny real sweep: 2 variants × 2 seeds, 6 steps each
+
+def read_finals(sweep_dir: Path) -> dict:
+    finals = {}
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        finals[run_dir.name] = [r for r in records if r["type"] == "final"][-1]
+    return finals
+
+
+def test_tiny_sweep_report_resume_and_skip(tmp_sweep_dir, monkeypatch):
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "swiglu": SWIGLU}, seeds=[0, 1])
+    run_sweep(plan_sweep(path), command="pytest")
+    out = tmp_sweep_dir / "runs" / "tiny-sweep"
+    finals = read_finals(out)
+    assert sorted(finals) == ["gelu-s0", "gelu-s1", "swiglu-s0", "swiglu-s1"]
+    report = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    assert sorted(r["name"] for r in report["variants"]) == ["gelu", "swiglu"]
+    for row in report["variants"]:
+        mine = [finals[f"{row['name']}-s{s}"] for s in (0, 1)]
+        loss, bpb = [f["val_loss"] for f in mine], [f["val_bpb"] for f in mine]
+        assert row["seeds"] == [0, 1]
+        assert row["val_loss_mean"] == pytest.approx(statistics.fmean(loss))
+        assert row["val_loss_std"] == pytest.approx(statistics.stdev(loss))
+        assert row["val_bpb_mean"] == pytest.approx(statistics.fmean(bpb))
+        assert row["tokens"] == 6 * 8 * 64  # 6 steps × 8 sequences × 64 tokens
+        assert row["params_total"] == mine[0]["params"] and row["params_active"] == mine[0]["active_params"]
+        rates = []  # training throughput over all logging windows: tokens / optimizer-step seconds
+        for s in (0, 1):
+            recs = [json.loads(x) for x in (out / f"{row['name']}-s{s}" / "metrics.jsonl").read_text().splitlines()]
+            recs = [r for r in recs if r["type"] == "train"]
+            seconds = sum((b["tokens"] - a["tokens"]) / b["tok_per_s"] for a, b in zip([{"tokens": 0}] + recs, recs))
+            rates.append(recs[-1]["tokens"] / seconds)
+        assert row["tokens_per_s"] == pytest.approx(statistics.fmean(rates))
+        assert f"{statistics.fmean(loss):.4f} ± {statistics.stdev(loss):.4f}" in md
+    for name in ("val_loss_vs_tokens", "val_loss_vs_wallclock", "val_loss_vs_flops", "train_loss_smoothed"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert "ROMEO:" in md and report["missing_runs"] == []
+
+    # Rerun: finished runs are skipped (the trainer is not called, weights untouched).
+    weights = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
+    calls = []
+    real_train = compare.train_run
+    monkeypatch.setattr(compare, "train_run", lambda cfg: calls.append(cfg.run_name) or real_train(cfg))
+    run_sweep(plan_sweep(path))
+    assert calls == [] and weights == {p: p.stat().st_mtime_ns for p in weights}
+    (out / "report.json").unlink()
+    run_sweep(plan_sweep(path, variants=["swiglu"]), report_only=True)  # --report-only: rebuild, train nothing
+    rebuilt = json.loads((out / "report.json").read_text())
+    assert calls == [] and {r["name"]: r["val_loss_mean"] for r in rebuilt["variants"]} == \
+        {r["name"]: r["val_loss_mean"] for r in report["variants"]}  # the baseline is read back for the deltas
+
+    # A run without final metrics (killed after its last checkpoint) is resumed, and only that one.
+    metrics = out / "swiglu-s1" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(line for line in lines if '"final"' not in line) + "\n")
+    run_sweep(plan_sweep(path))
+    assert calls == ["swiglu-s1"]
+    assert read_finals(out)["swiglu-s1"]["val_loss"] == pytest.approx(finals["swiglu-s1"]["val_loss"])
+    assert all(p.stat().st_mtime_ns == t for p, t in weights.items() if "swiglu-s1" not in str(p))
+
+    # The same sweep directory with a different budget is refused instead of mixing results.
+    with pytest.raises(ConfigError, match=r"train.max_steps=6 but this sweep asks for 8"):
+        run_sweep(plan_sweep(path, ["train.max_steps=8"]))

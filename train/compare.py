@@ -209,6 +209,7 @@ class SweepPlan:
     runs: list[PlannedRun]
     variants: dict[str, VariantInfo] = field(default_factory=dict)
     cli_overrides: list[str] = field(default_factory=list)
+    reference_runs: list[PlannedRun] = field(default_factory=list)  # the baseline's, when --variants leaves it out
 
 
 def _as_override(key: str, value: Any) -> str:
@@ -217,7 +218,7 @@ def _as_override(key: str, value: Any) -> str:
 
 
 def plan_sweep(sweep_path: str | Path, cli_overrides: list[str] = (), variants: Optional[list[str]] = None,
-               seeds: Optional[list[int]] = None) -> SweepPlan:
+               seeds: Optional[list[int]] = None, out_dir: Optional[str] = None) -> SweepPlan:
     """Resolve every (variant, seed) run config and the per-variant parameter counts; trains nothing."""
     sweep, base = load_sweep(sweep_path)
     for text in cli_overrides:
@@ -234,16 +235,18 @@ def plan_sweep(sweep_path: str | Path, cli_overrides: list[str] = (), variants: 
         run_seeds = list(dict.fromkeys(seeds))
         if min(run_seeds) < 0:
             raise ConfigError(f"--seeds must be non-negative integers, got {seeds}")
-    out_dir = Path(sweep.out_dir) if sweep.out_dir else Path("runs") / sweep.name
+    out_dir = Path(out_dir or sweep.out_dir or Path("runs") / sweep.name)
     runs = [PlannedRun(v, seed, _run_config(sweep, Path(sweep_path), base, v, seed, out_dir, cli_overrides))
             for v in chosen for seed in run_seeds]
     plan = SweepPlan(sweep, Path(sweep_path), base, out_dir, runs, cli_overrides=list(cli_overrides))
     _check_shared(plan)
     # The baseline is always counted so that a restricted sweep (--variants) is still checked against it.
+    if sweep.baseline not in chosen:  # read from disk when present, never trained by this invocation
+        plan.reference_runs = [PlannedRun(sweep.baseline, seed, _run_config(sweep, plan.sweep_path, base,
+                               sweep.baseline, seed, out_dir, cli_overrides)) for seed in run_seeds]
     for name in dict.fromkeys([sweep.baseline, *chosen]):
-        run = next((r for r in runs if r.variant == name), None)
-        cfg = run.cfg if run else _run_config(sweep, plan.sweep_path, base, name, run_seeds[0], out_dir, cli_overrides)
-        plan.variants[name] = _variant_info(sweep, name, cfg)
+        run = next(r for r in runs + plan.reference_runs if r.variant == name)
+        plan.variants[name] = _variant_info(sweep, name, run.cfg)
     check_param_match(plan)
     return plan
 
@@ -385,7 +388,7 @@ def train_run(cfg: RunConfig) -> dict:
 def run_sweep(plan: SweepPlan, command: str = "", report_only: bool = False) -> dict:
     """Train every planned run that has no final metrics yet (resuming interrupted ones), then write the report."""
     from train.report import build_report
-    for run in plan.runs:
+    for run in plan.runs + plan.reference_runs:
         check_existing_run(run)
     if not report_only:
         total = len(plan.runs)

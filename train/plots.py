@@ -42,13 +42,13 @@ def _band(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return x, ys.mean(0), ys.min(0), ys.max(0)
 
 
-def _ema(y: np.ndarray, alpha: float = 0.1) -> np.ndarray:
-    out = np.empty_like(y)
-    acc = y[0]
-    for i, v in enumerate(y):
-        acc = alpha * v + (1 - alpha) * acc
-        out[i] = acc
-    return out
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+    """Centered moving average over k points (k odd), the window shrinking at the ends; no lag, unlike an EMA."""
+    half = k // 2
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    idx = np.arange(len(y))
+    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(y))
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
 def _line_plot(groups: dict, path: Path, xlabel: str, ylabel: str, title: str, baseline: str | None) -> Path | None:
@@ -162,11 +162,12 @@ def make_plots(doc: dict, results: list, out_dir: Path) -> list[Path]:
                    out_dir / "val_loss_vs_flops.png", "training FLOPs (≈ tokens × FLOPs/token)",
                    "validation loss (nats/token)", f"{sweep}: validation loss vs training compute", base),
     ]
-    smoothed = {}
-    for v, rs in by_variant.items():
-        smoothed[v] = [(x, _ema(y)) for x, y in _seed_curves(rs, "tokens", "loss", "train")]
+    train_curves = {v: _seed_curves(rs, "tokens", "loss", "train") for v, rs in by_variant.items()}
+    longest = max((len(x) for curves in train_curves.values() for x, _ in curves), default=0)
+    k = max(1, longest // 10) | 1  # each point is already a mean over train.log_interval steps
+    smoothed = {v: [(x, _smooth(y, k)) for x, y in curves] for v, curves in train_curves.items()}
     paths.append(_line_plot(smoothed, out_dir / "train_loss_smoothed.png", "training tokens",
-                            "train loss (EMA, α=0.1)", f"{sweep}: smoothed training loss", base))
+                            f"train loss (centered mean of {k} log points)", f"{sweep}: smoothed training loss", base))
     for v, rs in by_variant.items():
         if rs and any(r.expert_load for r in rs):
             first = sorted(rs, key=lambda r: r.seed)[0]

@@ -48,7 +48,7 @@ def read_run(variant: str, seed: int, run_dir: Path) -> RunResult:
     """Curves, final metrics and samples of one run directory as written by train/trainer.py."""
     from train.compare import read_final
     run_dir = Path(run_dir)
-    evals, train, load = [], [], []
+    evals, train, load, train_recs = [], [], [], []
     path = run_dir / "metrics.jsonl"
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
     for line in lines:
@@ -63,9 +63,16 @@ def read_run(variant: str, seed: int, run_dir: Path) -> RunResult:
         elif kind == "train":
             train.append({"step": rec["step"], "tokens": rec["tokens"], "wall_s": rec.get("time"),
                           "loss": rec.get("loss")})
+            train_recs.append(rec)
             if rec.get("expert_load"):
                 load.append({"step": rec["step"], "tokens": rec["tokens"], "load": rec["expert_load"]})
     final = read_final(run_dir) or {}
+    # Training throughput over all sessions of the run (the final line's tok_per_s covers the last session only):
+    # total tokens / total optimizer-step time, the latter rebuilt from each logging window's tokens and rate.
+    windows = [(b["tokens"] - a["tokens"], b["tok_per_s"]) for a, b in zip([{"tokens": 0}] + train_recs, train_recs)
+               if b.get("tok_per_s")]
+    step_time = sum(n / rate for n, rate in windows)
+    tok_per_s = sum(n for n, _ in windows) / step_time if step_time > 0 else final.get("tok_per_s")
     samples = []
     try:
         doc = json.loads((run_dir / "samples.json").read_text(encoding="utf-8"))
@@ -73,7 +80,7 @@ def read_run(variant: str, seed: int, run_dir: Path) -> RunResult:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     summary = {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb"), "tokens": final.get("tokens"),
-               "wall_time_s": final.get("time"), "tokens_per_s": final.get("tok_per_s"), "step": final.get("step")}
+               "wall_time_s": final.get("time"), "tokens_per_s": tok_per_s, "step": final.get("step")}
     return RunResult(variant, seed, run_dir, bool(final) and final.get("val_loss") is not None, summary, evals,
                      train, load, samples)
 
@@ -85,7 +92,7 @@ def build_report(plan, command: str = "") -> dict:
     from train.config import read_yaml, validate_config
     from train.plots import make_plots
     results = []
-    for run in plan.runs:
+    for run in plan.runs + plan.reference_runs:
         result = read_run(run.variant, run.seed, run.cfg.out_dir)
         result.finished = result.finished and is_finished(run)
         results.append(result)
@@ -173,8 +180,6 @@ def summarize(plan, results: list[RunResult], command: str = "") -> dict:
             by_variant.setdefault(r.variant, []).append(r)
     rows = []
     for name, info in plan.variants.items():
-        if name not in {r.variant for r in plan.runs} and name != sweep.baseline:
-            continue
         runs = sorted(by_variant.get(name, []), key=lambda r: r.seed)
         loss = {r.seed: r.final["val_loss"] for r in runs}
         bpb = {r.seed: r.final.get("val_bpb") for r in runs}
@@ -224,7 +229,7 @@ def summarize(plan, results: list[RunResult], command: str = "") -> dict:
         row["within_noise"] = None if is_base else within_noise(d, se)
     for row in rows:
         del row["_loss"], row["_bpb"]
-    expected = {r.name for r in plan.runs}
+    expected = {f"{r.variant}-s{r.seed}" for r in plan.runs}
     done = {f"{r.variant}-s{r.seed}" for r in results if r.finished}
     return {
         "sweep": sweep.name,
@@ -259,8 +264,15 @@ def _ffn_text(ffn) -> str:
 
 def machine_info() -> dict:
     import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = f"{names[0]} ({len(names)} logical CPUs)" if names else cpu
+    except OSError:
+        pass
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "cpu": cpu, "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -306,8 +318,8 @@ def render_markdown(doc: dict) -> str:
     if doc.get("description"):
         lines += [doc["description"], ""]
     lines += [
-        f"- Date: {doc['created']}; machine: {doc['machine']['cpu']} ({doc['machine']['threads']} threads"
-        f"{', ' + doc['machine']['gpu'] if doc['machine'].get('gpu') else ''}), {doc['machine']['platform']}; "
+        f"- Date: {doc['created']}; machine: {doc['machine']['cpu']}, {doc['machine']['threads']} torch threads"
+        f"{', ' + doc['machine']['gpu'] if doc['machine'].get('gpu') else ''}, {doc['machine']['platform']}; "
         f"torch {doc['machine']['torch']}, Python {doc['machine']['python']}",
         f"- Command: `{doc['command']}`" if doc["command"] else "- Command: (not recorded)",
         f"- Sweep file: `{doc['sweep_file']}`; base config: `{doc['base_config']}`",
@@ -333,8 +345,8 @@ def render_markdown(doc: dict) -> str:
             f"{_fmt_pm(r['val_loss_mean'], r['val_loss_std'])} | {_fmt_pm(r['val_bpb_mean'], r['val_bpb_std'])} | "
             f"{_delta_note(r)} |")
     lines += ["", "FFN params are summed over layers (MoE: all experts + routers); FLOPs/token ≈ 6·N_active + "
-              "attention, for training (forward + backward). tokens/s and wall time are means over seeds and "
-              "include evaluation.", ""]
+              "attention, for training (forward + backward). tokens/s = training throughput of the optimizer steps; "
+              "wall time = the run's training wall-clock including periodic evaluation (both means over seeds).", ""]
     plots = doc.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
