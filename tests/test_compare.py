@@ -58,7 +58,7 @@ def tmp_sweep_dir(tmp_path, tmp_path_factory):
 # Sweep file rules (no model needed)
 
 def test_short_and_explicit_variant_forms_and_extends(tmp_sweep_dir):
-    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "noffn": {"overrides": {"model.ffn.type": "none"}, "match": False},
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "noffn": {"model.ffn.type": "none", "match": False},
                                       "wide": {"model": {"ffn": {"type": "dense", "d_ff": 512}}}})
     sweep, base = load_sweep(path)
     assert base == tmp_sweep_dir / "tiny-base.yaml"

@@ -12,7 +12,7 @@ A sweep file (configs/compare/*.yaml):
     param_tolerance: 0.02          # max relative difference to the baseline's count
     variants:
       gelu:   {model.ffn.type: dense, model.ffn.activation: gelu}
-      noffn:  {overrides: {model.ffn.type: none}, match: false}    # explicit form: opts out of the match
+      noffn:  {model.ffn.type: none, match: false}    # opts out of the parameter match
 
 `extends: other-sweep.yaml` reuses a sweep file; the keys given here replace the parent's top-level keys.
 
@@ -67,16 +67,19 @@ class SweepConfig(BaseModel):
     @field_validator("variants", mode="before")
     @classmethod
     def _short_form(cls, value: Any) -> Any:
-        # `gelu: {model.ffn.type: dense}` is shorthand for `gelu: {overrides: {model.ffn.type: dense}}`.
+        # Keys that are not VariantSpec fields are overrides: `gelu: {model.ffn.type: dense}` is short for
+        # `gelu: {overrides: {model.ffn.type: dense}}`, and `{model.ffn.type: none, match: false}` mixes both.
         if not isinstance(value, dict):
             return value
-        spec_keys = set(VariantSpec.model_fields)
         out = {}
         for name, spec in value.items():
-            if spec is None:
-                spec = {}
-            if isinstance(spec, dict) and not (set(spec) & spec_keys):
-                spec = {"overrides": spec}
+            spec = {} if spec is None else spec
+            if isinstance(spec, dict):
+                rest = {k: v for k, v in spec.items() if k not in VariantSpec.model_fields}
+                spec = {k: v for k, v in spec.items() if k in VariantSpec.model_fields}
+                if rest:
+                    over = spec.get("overrides") if isinstance(spec.get("overrides"), dict) else {}
+                    spec["overrides"] = {**over, **rest}
             out[name] = spec
         return out
 
@@ -127,7 +130,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
         loc = ".".join(str(p) for p in first["loc"])
         msg = " ".join(first["msg"].removeprefix("Value error, ").split())
         if first["type"] == "extra_forbidden":
-            msg = f"unknown key (valid: {', '.join(_valid_keys(first['loc']))})"
+            msg = f"unknown key (valid: {', '.join(SweepConfig.model_fields)})"
         raise ConfigError(f"{path}: {loc + ': ' if loc else ''}{msg}") from None
     base = (path.parent / sweep.base).resolve()
     if not base.exists():
@@ -154,12 +157,6 @@ def _read_sweep_chain(path: Path, seen: tuple) -> dict:
     if not isinstance(parent, str) or not (path.parent / parent).is_file():
         raise ConfigError(f"{path}: extends: sweep file not found: {path.parent / str(parent)}")
     return {**_read_sweep_chain(path.parent / parent, (*seen, path)), **data}
-
-
-def _valid_keys(loc: tuple) -> list[str]:
-    if len(loc) >= 3 and loc[0] == "variants":
-        return list(VariantSpec.model_fields)
-    return list(SweepConfig.model_fields)
 
 
 def _check_variant_key(key: str, where: str) -> None:
