@@ -55,7 +55,7 @@ def _line_plot(groups: dict, path: Path, xlabel: str, ylabel: str, title: str, b
     if not any(groups.values()):
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    lows = []
+    lows, highs = [], []
     for i, (name, curves) in enumerate(groups.items()):
         if not curves:
             continue
@@ -67,13 +67,12 @@ def _line_plot(groups: dict, path: Path, xlabel: str, ylabel: str, title: str, b
         if len(curves) > 1:
             ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
         lows.append(float(np.nanmin(lo)))
-        tail = mean[len(mean) // 3:] if len(mean) > 3 else mean
-        lows.append(float(np.nanmax(tail)))
-    # Zoom on the part of the curves where the variants differ, not the first steps' huge losses.
+        highs.append(float(np.nanmax(hi[max(1, len(hi) // 6):] if len(hi) > 2 else hi)))
+    # Zoom on the part of the curves where the variants differ: skip the first ~1/6 of the points (huge early losses).
     if lows:
-        y_lo, y_hi = min(lows), max(lows)
-        pad = 0.08 * max(y_hi - y_lo, 1e-3)
-        ax.set_ylim(y_lo - pad, y_hi + 6 * pad)
+        y_lo, y_hi = min(lows), max(highs)
+        pad = 0.05 * max(y_hi - y_lo, 1e-3)
+        ax.set_ylim(y_lo - pad, y_hi + pad)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

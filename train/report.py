@@ -121,6 +121,7 @@ def log_wandb_summary(plan, doc: dict) -> None:
     cfg = plan.runs[0].cfg
     if cfg.wandb.mode == "disabled":
         return
+    os.environ.setdefault("WANDB_SILENT", "true")
     try:
         import wandb
         run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=plan.sweep.name,
@@ -250,7 +251,10 @@ def summarize(plan, results: list[RunResult], command: str = "") -> dict:
 
 def _mean(values: list) -> Optional[float]:
     values = [v for v in values if v is not None]
-    return statistics.fmean(values) if values else None
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    return int(mean) if all(isinstance(v, int) for v in values) and mean.is_integer() else mean
 
 
 def _ffn_text(ffn) -> str:
