@@ -1,0 +1,42 @@
+"""Benchmark full training steps per variant: tokens/s, MFU against a matmul peak measured in the same run, peak
+memory and the forward/backward/optimizer split (see train/bench.py for the method and the bench file format).
+
+    python scripts/bench.py --config configs/bench/small.yaml [key=value ...] [--variants a,b] [--steps N] [--json]
+    python scripts/bench.py --config configs/tiny.yaml --steps 3          # a plain training config: one variant
+
+Progress goes to stderr; stdout gets a table, or with --json one JSON object per variant per line (JSON Lines) with
+at least: variant, tokens_per_s, mfu, peak_matmul_flops, step_ms_median, peak_mem_bytes. --profile N adds one
+profiled step per variant (torch.profiler) and prints its N most expensive operators by self time to stderr.
+"""
+import json
+import sys
+
+from _cli import make_parser, run_main
+
+
+def main() -> int:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--variants", help="comma-separated subset of the bench file's variants")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default: the bench file's, else 10)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default: the file's, else 2)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per variant per line on stdout")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one step per variant and print its top N operators")
+    args = parser.parse_args()
+
+    from train.bench import format_table, load_bench, run_bench
+
+    only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    plan = load_bench(args.config, args.overrides, only, args.steps, args.warmup)
+    results = run_bench(plan, profile_top=args.profile)
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+    else:
+        print(format_table(results))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,405 @@
+"""Training-step benchmark: tokens/s, MFU against a matmul peak measured in the same run, memory, time split.
+
+A bench file (configs/bench/*.yaml) looks like a compare sweep without seeds:
+
+    base: ../base.yaml             # training config the variants start from (relative to this file)
+    overrides: {model.hidden_size: 512, train.dtype: bf16}   # applied to every variant
+    steps: 10                      # timed steps per variant (--steps)
+    warmup: 2                      # untimed steps per variant first (compile, allocator, kernel selection)
+    baseline: swiglu               # speed ratios are against this variant (default: the first one)
+    variants:
+      swiglu: {model.ffn.type: glu}
+      moe8x2: {model.ffn.type: moe, model.ffn.n_experts: 8, model.ffn.top_k: 2}
+
+A plain training config is accepted too: it is benchmarked as one variant named after its FFN. Per variant:
+base + overrides + variant overrides + command-line overrides. No prepared data: random token ids of the model's
+vocab size (model.vocab_size, else data.tokenizer.vocab_size).
+
+Method (all in one process): every variant is built and warmed up in turn (its peak memory is measured here), then
+the timed steps go round-robin over the variants, with one pass of the matmul-peak microbenchmark per round, so that
+machine noise hits everything alike. A step is exactly the trainer's: grad_accum × (autocast forward + loss +
+backward), gradient clipping, optimizer step (train/optim.build_optimizer), router-bias update, zero_grad.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from train.config import RunConfig, ffn_label, load_config, read_yaml
+from train.errors import ConfigError
+
+REQUIRED_KEYS = ("variant", "tokens_per_s", "mfu", "peak_matmul_flops", "step_ms_median", "peak_mem_bytes")
+
+
+class BenchFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    description: Optional[str] = None
+    overrides: dict[str, Any] = {}
+    steps: int = 10
+    warmup: int = 2
+    baseline: Optional[str] = None
+    variants: dict[str, dict[str, Any]]
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _empty_variant(cls, value: Any) -> Any:
+        return {k: (v or {}) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+@dataclass
+class BenchPlan:
+    variants: dict[str, RunConfig]
+    steps: int
+    warmup: int
+    baseline: str
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _as_overrides(d: dict) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in _flatten(d).items()]  # JSON is valid YAML: values round-trip
+
+
+def load_bench(path: str | Path, cli_overrides: list[str] = (), only: Optional[list[str]] = None,
+               steps: Optional[int] = None, warmup: Optional[int] = None) -> BenchPlan:
+    """Resolve the bench file (or plain training config) into one validated RunConfig per chosen variant."""
+    path = Path(path)
+    data = read_yaml(path)
+    if "variants" not in data:  # a plain training config: one variant
+        cfg = load_config(path, list(cli_overrides))
+        configs = {ffn_label(cfg.model.ffn): cfg}
+        plan = BenchPlan(configs, 10, 2, next(iter(configs)))
+    else:
+        try:
+            bench = BenchFile.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"{path}: {loc}: {first['msg']} (bench file keys: "
+                              f"{', '.join(BenchFile.model_fields)})") from None
+        if not bench.variants:
+            raise ConfigError(f"{path}: variants: at least one variant is needed")
+        base = path.parent / bench.base
+        if not base.is_file():
+            raise ConfigError(f"{path}: base training config not found: {base}")
+        common = _as_overrides(bench.overrides)
+        configs = {name: load_config(base, common + _as_overrides(over) + list(cli_overrides))
+                   for name, over in bench.variants.items()}
+        baseline = bench.baseline or next(iter(configs))
+        if baseline not in configs:
+            raise ConfigError(f"{path}: baseline '{baseline}' is not a variant; variants: {', '.join(configs)}")
+        plan = BenchPlan(configs, bench.steps, bench.warmup, baseline)
+    if only:
+        unknown = [v for v in only if v not in plan.variants]
+        if unknown:
+            raise ConfigError(f"--variants: unknown {', '.join(unknown)}; valid: {', '.join(plan.variants)}")
+        plan.variants = {k: v for k, v in plan.variants.items() if k in only}
+        if plan.baseline not in plan.variants:
+            plan.baseline = next(iter(plan.variants))
+    plan.steps = plan.steps if steps is None else steps
+    plan.warmup = plan.warmup if warmup is None else warmup
+    if plan.steps < 1 or plan.warmup < 0:
+        raise ConfigError(f"need steps >= 1 and warmup >= 0, got steps={plan.steps}, warmup={plan.warmup}")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: CUDA has allocator statistics; on CPU torch allocates with malloc, which tracemalloc does not see, so we use
+# the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs) after returning freed heap memory
+# to the OS (malloc_trim), falling back to getrusage's max RSS (which cannot be reset).
+
+def _proc_status_kb(key: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryMeter:
+    """Peak memory of one phase (building a variant and its warm-up steps) above what was in use before it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.source = "torch.cuda.max_memory_allocated"
+        elif _proc_status_kb("VmHWM") is not None and self._reset_hwm():
+            self.source = "rss_peak_delta (VmHWM)"
+        else:
+            self.source = "ru_maxrss_delta"
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        _trim_heap()
+        if self.source.startswith("rss_peak"):
+            self._reset_hwm()
+            self.base = _proc_status_kb("VmRSS") * 1024
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        if self.source.startswith("rss_peak"):
+            return _proc_status_kb("VmHWM") * 1024 - self.base
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Matmul peak: the run's dtype, the model's own projection shapes at B·T rows; the best of all passes.
+
+def matmul_shapes(model: torch.nn.Module, rows: int) -> set[tuple[int, int, int]]:
+    """(rows, in, out) of every projection: nn.Linear layers and stacked MoE expert weights (as one dense layer)."""
+    shapes = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and min(m.in_features, m.out_features) >= 64:  # skips the tiny router
+            shapes.add((rows, m.in_features, m.out_features))
+        for name in ("w_up", "w_down"):
+            w = getattr(m, name, None)
+            if isinstance(w, torch.nn.Parameter) and w.dim() == 3:
+                shapes.add((rows, w.shape[2], w.shape[1]))
+    return shapes
+
+
+class MatmulPeak:
+    """Best FLOP/s over the three matmuls of a linear layer's training step (forward x·Wᵀ, input gradient g·W,
+    weight gradient gᵀ·x) at each shape: kernels can differ a lot by layout (bf16 on AVX2-only CPUs: >10x)."""
+
+    def __init__(self, shapes: set, dtype: torch.dtype, device: torch.device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.device = device
+        self.operands = [tuple(torch.randn(*shape, device=device, generator=gen).to(dtype)
+                               for shape in ((m, k), (n, k), (m, n))) for m, k, n in sorted(shapes)]
+        self.best, self.best_shape = 0.0, None
+
+    def run_pass(self) -> None:
+        for x_MK, w_NK, g_MN in self.operands:
+            for name, fn in (("forward", lambda: F.linear(x_MK, w_NK)), ("grad_input", lambda: g_MN @ w_NK),
+                             ("grad_weight", lambda: g_MN.t() @ x_MK)):
+                _sync(self.device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(self.device)
+                flops = 2 * x_MK.shape[0] * x_MK.shape[1] * w_NK.shape[0] / (time.perf_counter() - t0)
+                if flops > self.best:
+                    self.best, self.best_shape = flops, (x_MK.shape[0], x_MK.shape[1], w_NK.shape[0], name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One variant: model, optimizer, a fixed random batch, and the trainer's step with timers.
+
+@dataclass
+class Variant:
+    name: str
+    cfg: RunConfig
+    model: torch.nn.Module
+    step_model: Any
+    optimizer: torch.optim.Optimizer
+    batches: list
+    tokens_per_step: int
+    times: dict = field(default_factory=lambda: {"step": [], "forward": [], "backward": [], "optimizer": []})
+    peak_mem_bytes: int = 0
+
+
+def build_variant(name: str, cfg: RunConfig, rt) -> Variant:
+    from model.model_minimind import MiniMindForCausalLM
+    from train.optim import build_optimizer
+
+    vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
+    cfg = cfg.model_copy(update={"model": replace(cfg.model, vocab_size=vocab)})
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = MiniMindForCausalLM(cfg.model).to(rt.device).train()
+    optimizer = build_optimizer(model, t)
+    step_model = torch.compile(model) if t.compile else model
+    gen = torch.Generator().manual_seed(t.seed)
+    shape = (t.micro_batch_size, cfg.model.max_seq_len)
+    batches = [(torch.randint(0, vocab, shape, generator=gen).to(rt.device),
+                torch.randint(0, vocab, shape, generator=gen).to(rt.device)) for _ in range(t.grad_accum)]
+    return Variant(name, cfg, model, step_model, optimizer, batches, t.grad_accum * shape[0] * shape[1])
+
+
+def train_step(v: Variant, rt) -> None:
+    """The trainer's optimizer step (train/trainer.py: Trainer._train_step without DDP/GradScaler/logging)."""
+    t, device = v.cfg.train, rt.device
+    t0 = time.perf_counter()
+    fwd = bwd = 0.0
+    for x_BT, y_BT in v.batches:
+        with rt.autocast():
+            out = v.step_model(x_BT, y_BT)
+            objective = (out.loss + out.aux_loss) / len(v.batches)
+        _sync(device)
+        t1 = time.perf_counter()
+        objective.backward()
+        float(out.loss.detach())  # the trainer reads the loss every micro-step (a device sync on GPU)
+        _sync(device)
+        t2 = time.perf_counter()
+        fwd, bwd, t0 = fwd + (t1 - t0), bwd + (t2 - t1), t2
+    float(torch.nn.utils.clip_grad_norm_(v.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+    v.optimizer.step()
+    v.model.update_router_bias()
+    v.optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    opt = time.perf_counter() - t0
+    for key, value in (("forward", fwd), ("backward", bwd), ("optimizer", opt), ("step", fwd + bwd + opt)):
+        v.times[key].append(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_bench(plan: BenchPlan, profile_top: int = 0,
+              log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> list[dict]:
+    from train.runtime import setup_runtime
+
+    first = next(iter(plan.variants.values())).train
+    for name, cfg in plan.variants.items():  # one process, one device, one precision, one thread count
+        for key in ("device", "dtype", "num_threads"):
+            if getattr(cfg.train, key) != getattr(first, key):
+                raise ConfigError(f"variant '{name}': train.{key} differs from the other variants; a bench run "
+                                  f"uses one {key} (run the bench once per {key})")
+    rt = setup_runtime(first.device, first.dtype, first.num_threads)
+    dtype = rt.amp_dtype or torch.float32
+    meter = MemoryMeter(rt.device)
+    variants: list[Variant] = []
+    for name, cfg in plan.variants.items():
+        meter.start()
+        v = build_variant(name, cfg, rt)
+        log(f"[bench] {name}: {v.model.param_counts()['active'] / 1e6:.2f}M active params, warm-up "
+            f"{plan.warmup} step(s)")
+        for _ in range(plan.warmup):
+            train_step(v, rt)
+        v.peak_mem_bytes = meter.peak()
+        v.times = {k: [] for k in v.times}
+        variants.append(v)
+
+    shapes = set().union(*(matmul_shapes(v.model, v.batches[0][0].numel()) for v in variants))
+    peak = MatmulPeak(shapes, dtype, rt.device)
+    peak.run_pass()  # warm-up: kernel selection, first-touch of the operands
+    peak.best = 0.0
+    for step in range(plan.steps):
+        for v in variants:
+            train_step(v, rt)
+        peak.run_pass()
+        log(f"[bench] round {step + 1}/{plan.steps}: " +
+            ", ".join(f"{v.name} {v.times['step'][-1] * 1e3:.0f} ms" for v in variants) +
+            f"; matmul peak so far {peak.best / 1e9:.1f} GFLOP/s")
+    results = [_result(v, variants, plan, rt, peak, meter.source) for v in variants]
+    if profile_top:
+        for v in variants:
+            log(f"[bench] profile of one step of {v.name}:\n{profile_step(v, rt, profile_top)}")
+    return results
+
+
+def profile_step(v: Variant, rt, top: int) -> str:
+    """The `top` operators of one training step by self time (torch.profiler), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
+    times = v.times
+    v.times = {k: [] for k in times}
+    with profile(activities=activities) as prof:
+        train_step(v, rt)
+    v.times = times
+    sort = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: MatmulPeak, mem_source: str) -> dict:
+    base = next(b for b in variants if b.name == plan.baseline)
+    step = v.times["step"]
+    median = statistics.median(step)
+    tok_s = v.tokens_per_step / median
+    fpt = v.model.flops_per_token(v.cfg.model.max_seq_len)
+    counts = v.model.param_counts()
+    # paired per-round ratios: both steps of a round saw the same machine load
+    ratios = [(v.tokens_per_step / a) / (base.tokens_per_step / b) for a, b in zip(step, base.times["step"])]
+    return {
+        "variant": v.name, "ffn": ffn_label(v.cfg.model.ffn),
+        "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak.best, "peak_matmul_flops": peak.best,
+        "peak_matmul_shape": list(peak.best_shape),
+        "step_ms_median": median * 1e3, "step_ms_p25": _quantile(step, 0.25) * 1e3,
+        "step_ms_p75": _quantile(step, 0.75) * 1e3, "step_ms_min": min(step) * 1e3, "step_ms_max": max(step) * 1e3,
+        **{f"{k}_ms_median": statistics.median(v.times[k]) * 1e3 for k in ("forward", "backward", "optimizer")},
+        "tokens_per_s_vs_baseline": statistics.median(ratios), "baseline": base.name,
+        "peak_mem_bytes": v.peak_mem_bytes, "peak_mem_source": mem_source,
+        "flops_per_token": fpt, "tokens_per_step": v.tokens_per_step,
+        "params_total": counts["total"], "params_active": counts["active"],
+        "steps": len(step), "warmup": plan.warmup, "device": str(rt.device), "dtype": rt.dtype,
+        "threads": torch.get_num_threads(), "compile": v.cfg.train.compile, "torch": torch.__version__,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    head = (f"{'variant':<14} {'tok/s':>9} {'MFU':>6} {'vs base':>7} {'step ms (p25-p75)':>22} "
+            f"{'fwd/bwd/opt ms':>18} {'peak mem':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['tokens_per_s_vs_baseline']:>6.2f}x "
+            f"{r['step_ms_median']:>8.0f} ({r['step_ms_p25']:.0f}-{r['step_ms_p75']:.0f}) "
+            f"{r['forward_ms_median']:>6.0f}/{r['backward_ms_median']:.0f}/{r['optimizer_ms_median']:.0f} "
+            f"{r['peak_mem_bytes'] / 2**20:>7.0f}MB")
+    r = results[0]
+    rows, d_in, d_out, kind = r["peak_matmul_shape"]
+    lines.append(f"matmul peak {r['peak_matmul_flops'] / 1e9:.1f} GFLOP/s ({kind} matmul, {rows} rows, {d_in} -> "
+                 f"{d_out}); {r['device']} {r['dtype']}, {r['threads']} thread(s), torch "
+                 f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
+                 f"{r['peak_mem_source']}")
+    return "\n".join(lines)
