@@ -24,3 +24,21 @@ def tiny_data_cache(tmp_path_factory):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [f"data.cache_dir={cache}"])
     prepare_data(cfg.data, progress=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data_cache, tmp_path_factory):
+    """A finished 20-step run of configs/tiny.yaml trained under bf16 autocast (train.dtype=bf16), evaluated at
+    steps 10 and 20, one checkpoint (step 20). For tools that read runs (generate, evaluate, export). Read-only."""
+    from pathlib import Path
+
+    from train.config import load_config
+    from train.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+                      [f"data.cache_dir={tiny_data_cache}", f"train.out_dir={out}", "train.max_steps=20",
+                       "train.dtype=bf16", "train.eval_interval=10", "train.ckpt_interval=20",
+                       "train.peak_flops=1e12"])
+    train(cfg)
+    return out
