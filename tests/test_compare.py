@@ -298,3 +298,20 @@ def test_tiny_sweep_report_resume_and_skip(tmp_sweep_dir, monkeypatch):
     # The same sweep directory with a different budget is refused instead of mixing results.
     with pytest.raises(ConfigError, match=r"train.max_steps=6 but this sweep asks for 8"):
         run_sweep(plan_sweep(path, ["train.max_steps=8"]))
+
+
+def test_a_diverged_run_does_not_stop_the_sweep(tmp_sweep_dir, monkeypatch):
+    from train.errors import UserError
+    from train.trainer import TrainingDiverged
+    path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "swiglu": SWIGLU})
+    calls = []
+
+    def diverge(cfg):
+        calls.append(cfg.run_name)
+        raise TrainingDiverged("non-finite loss at step 3")
+    monkeypatch.setattr(compare, "train_run", diverge)
+    with pytest.raises(UserError, match=r"2 run\(s\) diverged \(gelu-s0, swiglu-s0\)"):
+        run_sweep(plan_sweep(path))
+    assert calls == ["gelu-s0", "swiglu-s0"]
+    report = json.loads((tmp_sweep_dir / "runs" / "tiny-sweep" / "report.json").read_text())
+    assert report["missing_runs"] == ["gelu-s0", "swiglu-s0"] and all(r["rank"] is None for r in report["variants"])

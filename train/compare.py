@@ -14,15 +14,15 @@ A sweep file (configs/compare/*.yaml):
       gelu:   {model.ffn.type: dense, model.ffn.activation: gelu}
       noffn:  {model.ffn.type: none, match: false}    # opts out of the parameter match
 
-`extends: other-sweep.yaml` reuses a sweep file; the keys given here replace the parent's top-level keys.
-
-Per run: base + sweep overrides + variant overrides + command-line overrides + seed/name/out_dir/wandb group+tags.
+Optional: description, out_dir, match (sweep-wide), sample_count, and per variant family/description (see the
+schema below); `extends: other-sweep.yaml` reuses a sweep file, the keys given here replacing the parent's. Per run: base + sweep overrides + variant overrides + command-line overrides + seed/name/out_dir/wandb group+tags.
 Variant overrides may only touch the model (and harmless run mechanics, ALLOWED_VARIANT_KEYS) so that every variant
 sees the same tokenizer, data order per seed, validation blocks, token budget, optimizer and schedule.
 """
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from train.config import RunConfig, load_config, parse_override, read_yaml
-from train.errors import ConfigError
+from train.errors import ConfigError, UserError
 
 # Keys (besides model.*) a variant may change: they do not change what the model sees or how it is optimised.
 ALLOWED_VARIANT_KEYS = ("train.compile", "train.num_threads", "train.log_interval", "train.ckpt_interval",
@@ -265,18 +265,14 @@ def _run_config(sweep: SweepConfig, sweep_path: Path, base: Path, variant: str, 
 
 def _check_shared(plan: SweepPlan) -> None:
     """Belt and braces over the key filter: everything but the model and run mechanics must be equal per seed."""
-    def shared(cfg: RunConfig) -> dict:
-        d = cfg.to_dict()
-        train = {k: v for k, v in d["train"].items() if f"train.{k}" not in ALLOWED_VARIANT_KEYS and k != "out_dir"}
-        return {"data": d["data"], "train": train, "seq": d["model"]["max_seq_len"], "vocab": d["model"]["vocab_size"]}
     first: dict[int, tuple[str, dict]] = {}
     for run in plan.runs:
-        s = shared(run.cfg)
-        if run.seed not in first:
-            first[run.seed] = (run.variant, s)
-        elif s != first[run.seed][1]:
-            other = first[run.seed][0]
-            diff = sorted(k for k in flatten(s) if flatten(s).get(k) != flatten(first[run.seed][1]).get(k))
+        d = flatten(run.cfg.to_dict())
+        shared = {k: v for k, v in d.items() if k.split(".")[0] in ("data", "train") or k in FORBIDDEN_MODEL_KEYS}
+        shared = {k: v for k, v in shared.items() if k not in ALLOWED_VARIANT_KEYS and k != "train.out_dir"}
+        other, ref = first.setdefault(run.seed, (run.variant, shared))
+        diff = sorted(k for k in set(ref) | set(shared) if ref.get(k) != shared.get(k))
+        if diff:
             raise ConfigError(f"{plan.sweep_path}: variants '{other}' and '{run.variant}' differ in shared settings "
                               f"({', '.join(diff)}); variants may only change the model")
 
@@ -385,8 +381,10 @@ def train_run(cfg: RunConfig) -> dict:
 def run_sweep(plan: SweepPlan, command: str = "", report_only: bool = False) -> dict:
     """Train every planned run that has no final metrics yet (resuming interrupted ones), then write the report."""
     from train.report import build_report
+    from train.trainer import TrainingDiverged
     for run in plan.runs + plan.reference_runs:
         check_existing_run(run)
+    failed = []
     if not report_only:
         total = len(plan.runs)
         for i, run in enumerate(plan.runs, 1):
@@ -394,5 +392,12 @@ def run_sweep(plan: SweepPlan, command: str = "", report_only: bool = False) -> 
                 print(f"[{i}/{total}] {run.name}: finished earlier, skipped ({run.cfg.out_dir})", flush=True)
                 continue
             print(f"[{i}/{total}] {run.name}: training -> {run.cfg.out_dir}", flush=True)
-            train_run(run.cfg)
-    return build_report(plan, command)
+            try:
+                train_run(run.cfg)
+            except TrainingDiverged as e:  # other errors (config, data, checkpoint) would hit every run: stop
+                print(f"warning: {run.name} diverged, the sweep goes on without it: {e}", file=sys.stderr)
+                failed.append(run.name)
+    doc = build_report(plan, command)
+    if failed:
+        raise UserError(f"{len(failed)} run(s) diverged ({', '.join(failed)}); the report lists them as missing")
+    return doc
