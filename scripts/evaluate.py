@@ -123,6 +123,7 @@ def prepare_with_run_tokenizer(data_cfg, run_dir):
 def main() -> int:
     args = parse_args()
     import json
+    import os
     from contextlib import redirect_stdout
 
     from train.errors import CheckpointError, ConfigError, DataError
@@ -143,9 +144,9 @@ def main() -> int:
     step = ck.read_manifest(ckpt).get("step") if ckpt is not None else None
     cfg = eval_config(run_cfg, args.config, pairs, data_texts)
     t = cfg.train
-    rt = setup_runtime(t.device, t.dtype, t.num_threads)
-    if rt.ddp:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("evaluate.py runs in one process; run it without torchrun")
+    rt = setup_runtime(t.device, t.dtype, t.num_threads)
     with redirect_stdout(sys.stderr):
         prepared = prepare_with_run_tokenizer(cfg.data, run_dir)
     if prepared.vocab_size > cfg.model.vocab_size:
@@ -160,7 +161,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        where = f"step {step}" if step is not None else "exported weights"
+        where = f"step {step}" if step is not None else "model.safetensors"
         print(f"run {run_dir} ({where}) on {result['data']}: validation blocks of {result['seq_len']} tokens, "
               f"{result['tokens']:,} of {result['split_tokens']:,} tokens, {rt.dtype}")
         print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  bpb {result['bpb']:.4f}")

@@ -19,7 +19,7 @@ from train.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("ROMEO: But, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
-        "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief — ✓ ünïcödé 日本\n"
+        "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief — ✓ ünïcödé\n"
         "JULIET: O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n"
         "Or, if thou wilt not, be but sworn my love, and I'll no longer be a Capulet.\n") * 2
 
@@ -138,7 +138,8 @@ def test_missing_run_and_bad_data(tiny_run, tmp_path, monkeypatch, capsys):
     for args, message in [
         (["data.corpus=local", f"data.path={tmp_path / 'missing.txt'}"],
          f"error: data.path: file not found: {tmp_path / 'missing.txt'}"),
-        (["--text", tmp_path / "missing.txt"], f"error: --text: file not found: {tmp_path / 'missing.txt'} (see --help)"),
+        (["--text", tmp_path / "missing.txt"],
+         f"error: --text: file not found: {tmp_path / 'missing.txt'} (see --help)"),
         ([f"data.path={tmp_path}"], "error: data.path is only read when data.corpus=local (it is shakespeare); "
                                     "add data.corpus=local"),
     ]:
