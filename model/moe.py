@@ -6,7 +6,7 @@ U expert up-projection width (2F for GLU experts: gate and up fused; F for dense
 Design choices (see also tests/test_moe.py):
 - Dispatch sorts the S slots by expert, runs every expert on its contiguous slice with one grouped matmul on stacked
   weights (`F.grouped_mm`; a split-per-expert loop where grouped_mm is unavailable or the shapes are unaligned), then
-  un-sorts and mixes the K expert outputs per token with the gate weights. No dense all-experts compute, no token
+  adds each slot's gate-weighted output back into its token's row (index_add). No dense all-experts compute, no token
   dropping unless `capacity_factor` is set, no host sync in the grouped path.
 - Gate weights come from the unbiased router scores; the aux-loss-free bias (DeepSeek-V3) only affects which experts
   are picked.
@@ -146,7 +146,7 @@ class MoEFFN(nn.Module):
         self.register_buffer("load_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
         self.register_buffer("pending_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
         self.aux_loss: torch.Tensor | None = None  # coefficient-weighted sum, set by every forward
-        self.aux_losses: dict[str, torch.Tensor] = {}  # unweighted-by-nothing: each kind with its coefficient
+        self.aux_losses: dict[str, torch.Tensor] = {}  # each kind, coefficient applied
 
     @classmethod
     def from_config(cls, cfg: MiniMindConfig) -> "MoEFFN":
@@ -163,23 +163,29 @@ class MoEFFN(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        compute_dtype = _autocast_dtype(x_ND.device.type)
+        if compute_dtype is not None:  # cast the N tokens once, not the N·K gathered copies
+            x_ND = x_ND.to(compute_dtype)
         n_tokens, K = x_ND.shape[0], self.top_k
         logits_NE, probs_NE, expert_NK, weight_NK = self.router(x_ND)
         expert_S = expert_NK.reshape(-1)
-        counts_E = torch.bincount(expert_S, minlength=self.n_experts)
+        # slots per expert; scatter_add keeps a fixed shape (bincount's depends on the data: bad for compile)
+        counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=x_ND.device).scatter_add_(
+            0, expert_S, torch.ones_like(expert_S))
         self._losses(logits_NE, probs_NE, counts_E, n_tokens)
         if self.training:
             self.load_counts += counts_E
             self.pending_counts += counts_E
 
-        order_S = torch.argsort(expert_S, stable=True)  # slot ids grouped by expert, tokens in order within each
+        order_S = torch.argsort(expert_S, stable=True)  # slot ids grouped by expert, in token order within each
         run_counts_E = counts_E
         if self.capacity_factor is not None:
             order_S, run_counts_E = self._drop_over_capacity(order_S, counts_E, n_tokens)
-        y_sD = self.experts(x_ND[order_S // K], run_counts_E)
-        # back to (token, k) order; dropped slots stay zero
-        y_SD = y_sD.new_zeros(n_tokens * K, y_sD.shape[-1]).index_copy_(0, order_S, y_sD)
-        out_ND = torch.bmm(weight_NK.to(y_SD.dtype).unsqueeze(1), y_SD.view(n_tokens, K, -1)).squeeze(1)
+        token_S = order_S // K
+        y_SD = self.experts(x_ND[token_S], run_counts_E)
+        # weight each slot's output by its gate, then sum the K slots of every token (dropped slots add nothing)
+        weight_S = weight_NK.reshape(-1)[order_S].to(y_SD.dtype)
+        out_ND = y_SD.new_zeros(n_tokens, y_SD.shape[-1]).index_add_(0, token_S, y_SD * weight_S[:, None])
         if self.shared_experts is not None:
             out_ND = out_ND + self.shared_experts(x_ND)
         return out_ND.view(x_BTD.shape[:-1] + out_ND.shape[-1:])
