@@ -247,6 +247,9 @@ def start_summary(cfg, counts: dict, flops_per_token: int, d_ff: int, max_steps:
         ("params", f"total {_fmt(counts['total'])}, active {_fmt(counts['active'])}, "
                    f"embedding {_fmt(counts['embedding'])}, attention {_fmt(counts['attention'])}, "
                    f"ffn {_fmt(counts['ffn'])} (active {_fmt(counts['ffn_active'])})"),
+        # same definition as model.ffn_share(): FFN params / total, 6·active FFN params / training FLOPs per token
+        ("ffn share", f"{counts['ffn'] / counts['total']:.1%} of params, "
+                      f"{6 * counts['ffn_active'] / flops_per_token:.1%} of training FLOPs/token"),
         ("compute", f"{_fmt(flops_per_token)} FLOPs/token (train), peak {_fmt(peak_flops)}FLOP/s for MFU"),
         ("budget", f"{max_steps} steps x {_fmt(tokens_per_step)} tokens = {_fmt(max_steps * tokens_per_step)} tokens "
                    f"(batch {t.micro_batch_size}x{t.grad_accum} accum, lr {t.lr:g}->{t.min_lr:g}, "
