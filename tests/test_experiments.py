@@ -118,3 +118,17 @@ def test_expansion_and_moe_sweeps_follow_their_sizing_rules():
     for name, info in moes.items():
         assert resolve_d_ff(info.cfg.model.ffn, d) % 4 == 0, name  # 16-byte rows for the grouped matmul
         assert info.matched_on == "active" and abs(info.rel_diff) <= 0.02, name
+
+
+def test_report_names_the_unmatched_variants_and_how_far_off_they_are(tmp_path):
+    from train.report import render_markdown, summarize
+    plan = plan_sweep(ROOT / "configs" / "compare" / "ablation.yaml", out_dir=str(tmp_path / "sweep"))
+    md = render_markdown(summarize(plan, results=[]))  # nothing trained: every run is listed as missing
+    notes = {line.split("`")[1]: line for line in md.splitlines() if line.startswith("- `")}
+    base, noffn = plan.variants["gelu"].counts, plan.variants["noffn"].counts
+    assert "**not parameter-matched**" in notes["noffn"]
+    assert f"{noffn['total']:,} total" in notes["noffn"] and f"{base['total']:,}" in notes["noffn"]
+    assert f"({noffn['total'] / base['total'] - 1:+.1%} total)" in notes["noffn"]
+    for name in ("gelu", "noffn-deep", "noffn-wide", "linear"):  # matched (or the baseline): description only
+        assert "not parameter-matched" not in notes[name]
+    assert "| noffn-deep | none | total (+1.8%)" in md

@@ -315,6 +315,23 @@ def _delta_note(row: dict) -> str:
     return text + (" (within seed noise)" if row["within_noise"] else f" (beyond noise, 2·SE={2 * row['delta_se']:.4f})")
 
 
+def _variant_notes(doc: dict) -> list[str]:
+    """The sweep file's variant descriptions, and for each variant outside the parameter match how far it is off."""
+    base = next((r for r in doc["variants"] if r["name"] == doc["baseline"]), None)
+    notes = []
+    for r in doc["variants"]:
+        text = r.get("description") or ""
+        if (r["matched_on"] == "-" and r is not base and base and base.get("params_total")
+                and r.get("params_total") is not None):
+            diff = r["params_total"] / base["params_total"] - 1
+            text += (("; " if text else "") + f"**not parameter-matched** (`match: false`): {r['params_total']:,} "
+                     f"total / {r['params_active']:,} active params vs the baseline's {base['params_total']:,} / "
+                     f"{base['params_active']:,} ({diff:+.1%} total)")
+        if text:
+            notes.append(f"- `{r['name']}`: {text}")
+    return (["## Variants", ""] + notes + [""]) if notes else []
+
+
 def render_markdown(doc: dict) -> str:
     rows = doc["variants"]
     n_seeds = sorted({len(r["seeds"]) for r in rows if r["seeds"]})
@@ -351,6 +368,7 @@ def render_markdown(doc: dict) -> str:
     lines += ["", "FFN params are summed over layers (MoE: all experts + routers); FLOPs/token ≈ 6·N_active + "
               "attention, for training (forward + backward). tokens/s = training throughput of the optimizer steps; "
               "wall time = the run's training wall-clock including periodic evaluation (both means over seeds).", ""]
+    lines += _variant_notes(doc)
     plots = doc.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
