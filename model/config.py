@@ -31,8 +31,10 @@ class FFNConfig:
     expert_type: Literal["dense", "glu"] = "glu"
     expert_activation: Activation = "silu"
     router_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    # Renormalise the top-k gate weights to sum to 1. Ignored when top_k == 1: the gate stays the router probability
+    # (Switch Transformer), otherwise it would be the constant 1 and the router would get no gradient from the LM loss.
     norm_topk_prob: bool = True
-    balancing: Literal["aux_loss", "aux_free", "none"] = "aux_loss"
+    balancing: Literal["aux_loss", "aux_free", "none"] = "aux_loss"  # z-loss applies whenever z_loss_coef > 0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.001

@@ -91,7 +91,8 @@ class GroupedExperts(nn.Module):
         if _GROUPED_MM is None:
             return False
         if x_SD.device.type == "cpu":
-            ok_device = dtype in (torch.float32, torch.bfloat16)
+            # eager CPU runs fp32 too, but torch.compile's shape rules for grouped_mm accept bf16 only
+            ok_device = dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
         elif x_SD.device.type == "cuda":
             ok_device = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_SD.device) >= (9, 0)
         else:
