@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import MiniMindConfig, resolve_d_ff
+from model.moe import MoEFFN
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -75,18 +76,12 @@ class GLUFFN(nn.Module):
         return self.down_proj(self.act(gate_F) * up_F)
 
 
-def _moe_from_config(cfg: MiniMindConfig) -> nn.Module:
-    from model.moe import MoEFFN  # moe.py builds its shared experts from the classes above
-
-    return MoEFFN.from_config(cfg)
-
-
-# None: no FFN sub-layer at all (the block is attention only). Entries are classes (or factories) with from_config.
+# None: no FFN sub-layer at all (the block is attention only). Every class has from_config(cfg).
 FFN_REGISTRY = {
     "none": None,
     "dense": DenseFFN,
     "glu": GLUFFN,
-    "moe": _moe_from_config,
+    "moe": MoEFFN,
 }
 
 
@@ -94,7 +89,5 @@ def build_ffn(cfg: MiniMindConfig) -> nn.Module | None:
     kind = cfg.ffn.type
     if kind not in FFN_REGISTRY:
         raise ValueError(f"model.ffn.type '{kind}' is unknown; valid: {', '.join(FFN_REGISTRY)}")
-    entry = FFN_REGISTRY[kind]
-    if entry is None:
-        return None
-    return entry.from_config(cfg) if hasattr(entry, "from_config") else entry(cfg)
+    cls = FFN_REGISTRY[kind]
+    return None if cls is None else cls.from_config(cfg)

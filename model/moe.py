@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import MiniMindConfig, resolve_d_ff
-from model.ffn import ACTIVATIONS, DenseFFN, GLUFFN
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
 
@@ -72,6 +71,8 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, d_ff: int, kind: str, activation: str):
         super().__init__()
+        from model.ffn import ACTIVATIONS  # here, not at the top: model/ffn.py imports this module for its registry
+
         self.kind, self.activation, self.d_ff = kind, activation, d_ff
         self.act = ACTIVATIONS[activation]
         up = 2 * d_ff if kind == "glu" else d_ff
@@ -132,6 +133,8 @@ class MoEFFN(nn.Module):
                  expert_activation: str = "silu", n_shared_experts: int = 0, router_scoring: str = "softmax",
                  norm_topk_prob: bool = True, balancing: str = "aux_loss", aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.001, bias_update_rate: float = 0.001, capacity_factor: float | None = None):
+        from model.ffn import DenseFFN, GLUFFN
+
         super().__init__()
         self.n_experts, self.top_k, self.d_ff = n_experts, top_k, d_ff
         self.n_shared_experts = n_shared_experts
