@@ -9,7 +9,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-FFNType = Literal["none", "dense", "glu", "moe"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "sigmoid", "identity"]
 DENSE_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2", "identity")
 GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid", "identity")
@@ -17,7 +16,7 @@ GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid", "ide
 
 @dataclass
 class FFNConfig:
-    type: FFNType = "glu"
+    type: str = "glu"  # a key of model.ffn.FFN_REGISTRY: none | dense | glu | moe
     activation: Activation = "silu"
     # Inner width. null: derived so every variant matches a dense 4·d FFN in parameters (GLU: 2/3 of that width;
     # MoE: the width of each expert such that the *active* FFN parameters per token match).
@@ -44,6 +43,11 @@ class FFNConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        from model.ffn import FFN_REGISTRY  # the registry is the one list of variants (imported late: no cycle)
+
+        if self.type not in FFN_REGISTRY:
+            valid = ", ".join(f"'{k}'" for k in FFN_REGISTRY)
+            raise ValueError(f"model.ffn.type: invalid choice '{self.type}'; valid: {valid}")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"model.ffn.d_ff must be a positive integer or null, got {self.d_ff}")
         if self.multiple_of < 1:
