@@ -137,6 +137,12 @@ def _check_writable(out: Path) -> None:
                         f"set data.cache_dir to a writable folder") from None
 
 
+def _write_error(path: Path, e: OSError) -> DataError:
+    """A failed cache write (disk full, file-size limit, read-only folder) as a one-line error naming the file."""
+    return DataError(f"cannot write {path}: {e.strerror or type(e).__name__} (free some space or set data.cache_dir "
+                     f"to another folder)")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -145,6 +151,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -257,6 +265,8 @@ def _write_split(ds, tokenizer, eos_id: int, dtype: np.dtype, path: Path, split:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_bin, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
     finally:
         tmp_bin.unlink(missing_ok=True)
         for leftover in path.parent.glob(f".{split}-tokens.tmp-{os.getpid()}*"):
