@@ -122,6 +122,10 @@ class WandbTracker:
                 break
             except Exception as e:
                 problems.append(f"{mode}: {_short(e)}")
+                try:  # a failed init can keep the run id registered ("run ID ... is in use") and block the fallback
+                    wandb.teardown()
+                except Exception:
+                    pass
         if self.run is None:
             self._warn(f"wandb could not start ({'; '.join(problems)}); metrics are in metrics.jsonl only")
             return
