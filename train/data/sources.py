@@ -299,6 +299,8 @@ def _load_local(cfg: DataConfig, pattern: str, key: str, split: str | None):
         # The json builder only decodes (and so only applies encoding_errors) when the encoding is not spelled
         # exactly "utf-8"; "utf8" is the same codec and makes invalid bytes become U+FFFD instead of an error.
         kwargs = {"encoding": "utf8", "encoding_errors": "replace"}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error logs repeat the one-line DataError below
     try:
         ds = datasets.load_dataset(_BUILDERS[fmt], data_files=[str(f) for f in files], split="train", **kwargs)
     except DatasetGenerationError as e:
@@ -306,6 +308,8 @@ def _load_local(cfg: DataConfig, pattern: str, key: str, split: str | None):
         raise DataError(f"{key}: cannot read {pattern} as {fmt}: {type(cause).__name__}: {_one_line(cause)}") from None
     except Exception as e:  # noqa: BLE001 - unreadable or malformed files are user input
         raise DataError(f"{key}: cannot read {pattern} as {fmt}: {type(e).__name__}: {_one_line(e)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return ds, info
 
 
