@@ -80,7 +80,8 @@ class Trainer:
                               f"({rt.world_size}) so that the global batch stays the same")
         found = rt.on_main(lambda: self._open(cfg))
         ckpt = Path(found) if found else None
-        self.prepared = rt.main_first(lambda: prepare_data(cfg.data, progress=rt.is_main))
+        # progress bars on a terminal only (like the training bar): in logs they bury an error's one line
+        self.prepared = rt.main_first(lambda: prepare_data(cfg.data, progress=rt.is_main and sys.stderr.isatty()))
         self.cfg = cfg = resolve_vocab(cfg, self.prepared.vocab_size)
         self.config_dict = cfg.to_dict()
         if ckpt is not None:
