@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -143,6 +144,20 @@ def _write_error(path: Path, e: OSError) -> DataError:
                      f"to another folder)")
 
 
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temp files (`.<name>.tmp-<pid>...`) of a build whose process is gone (killed): nothing else removes them."""
+    for path in out.glob(".*.tmp-*"):
+        match = re.search(r"\.tmp-(\d+)", path.name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive (another user's process): leave it
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -162,6 +177,7 @@ def _build(cfg: DataConfig, out: Path, spec: dict, progress: bool) -> PreparedDa
     created = not out.exists()
     _check_writable(out)
     (out / "meta.json").unlink(missing_ok=True)  # from here on the folder does not look finished
+    _remove_stale_temp_files(out)
     try:
         return _build_into(cfg, out, spec, progress, start)
     except BaseException:
