@@ -273,6 +273,7 @@ def train_step(v: Variant, rt) -> None:
     t, device = v.cfg.train, rt.device
     t0 = time.perf_counter()
     fwd = bwd = 0.0
+    loss_sum = torch.zeros((), device=device)
     for x_BT, y_BT in v.batches:
         with rt.autocast():
             out = v.step_model(x_BT, y_BT)
@@ -280,11 +281,13 @@ def train_step(v: Variant, rt) -> None:
         _sync(device)
         t1 = time.perf_counter()
         objective.backward()
-        float(out.loss.detach())  # the trainer reads the loss every micro-step (a device sync on GPU)
+        loss_sum += out.loss.detach().float()
+        out.aux_losses  # the trainer reads the MoE balancing losses as floats every micro-step
         _sync(device)
         t2 = time.perf_counter()
         fwd, bwd, t0 = fwd + (t1 - t0), bwd + (t2 - t1), t2
     float(torch.nn.utils.clip_grad_norm_(v.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+    float(loss_sum)
     v.optimizer.step()
     v.model.update_router_bias()
     v.optimizer.zero_grad(set_to_none=True)
