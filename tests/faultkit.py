@@ -50,6 +50,14 @@ class Child:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         os.kill(self.pid, sig)
 
+    def kill_after(self, seconds: float, or_once: str) -> None:
+        """SIGKILL after `seconds`, or as soon as `or_once` appears in the output if that comes first (so that how
+        far a run gets before the kill does not depend on the speed of the machine)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and or_once not in self.stdout():
+            time.sleep(0.002)
+        self.kill()
+
     def wait(self, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
         while self.rc is None and self.alive() and time.monotonic() < deadline:
@@ -66,7 +74,7 @@ class Zygote:
     """Forks runs of scripts/train.py with `base_args` + the given arguments."""
 
     def __init__(self, tmp: Path, base_args: list[str]):
-        self.tmp, self.base_args, self.count = tmp, base_args, 0
+        self.tmp, self.base_args, self.children = tmp, base_args, []
         self.proc = subprocess.Popen([sys.executable, __file__, "--zygote"], cwd=ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
@@ -80,11 +88,11 @@ class Zygote:
               file_size_limit: int | None = None) -> Child:
         """A run in its own process. fault: {"kind": ..., "nth": n} (see _install_fault); env/unset: environment
         changes; file_size_limit: RLIMIT_FSIZE in bytes (a full disk, as far as the run can tell)."""
-        self.count += 1
-        out = self.tmp / f"child{self.count}"
+        out = self.tmp / f"child{len(self.children) + 1}"
         pid = self.request({"args": [*self.base_args, *map(str, args)], "out": str(out), "fault": fault,
                             "env": env or {}, "unset": list(unset), "fsize": file_size_limit})
-        return Child(self, pid, out)
+        self.children.append(Child(self, pid, out))
+        return self.children[-1]
 
     def run(self, *args: str, **kw) -> Child:
         child = self.start(*args, **kw)
@@ -92,6 +100,11 @@ class Zygote:
         return child
 
     def close(self) -> None:
+        for child in self.children:  # e.g. left running by a failed test: stop and reap it
+            if child.rc is None:
+                if child.alive():
+                    child.kill()
+                child.rc = self.request({"wait": child.pid})
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
 

@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,12 @@ from faultkit import ROOT, Zygote
 
 STEPS = 36
 # Log every 2 steps, checkpoint every 3, evaluate every 10: the windows never line up, so a resume must restore the
-# open logging window as well as weights, optimizer and RNG. fp32, one thread: bitwise reproducible on CPU.
+# open logging window as well as weights, optimizer and RNG. An MoE with aux-loss-free balancing adds the most state
+# (router biases, expert-load counters). fp32, one thread: bitwise reproducible on CPU.
 RUN_ARGS = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"train.max_steps={STEPS}", "train.log_interval=2",
             "train.ckpt_interval=3", "train.eval_interval=10", "train.keep_last=2", "train.dtype=fp32",
-            "train.num_threads=1", "train.peak_flops=1e9", "train.sample_max_new_tokens=4"]
+            "train.num_threads=1", "train.peak_flops=1e9", "train.sample_max_new_tokens=4", "model.ffn.type=moe",
+            "model.ffn.n_experts=4", "model.ffn.top_k=2", "model.ffn.balancing=aux_free"]
 COMPARED = ("type", "step", "tokens", "loss", "lr", "grad_norm", "val_loss", "val_bpb", "skipped")
 
 
@@ -170,7 +171,7 @@ KILL_POINTS = ("weights_half", "state_half", "config_half", "manifest_written", 
 
 
 def test_kill_9_at_ten_random_moments_then_resume_is_bitwise(zygote, reference, run_args, tmp_path):
-    rng = random.Random(7)
+    rng = random.Random(int(os.environ.get("FAULT_SEED", "7")))  # FAULT_SEED=n explores other moments
     run = tmp_path / "run"
     plan = [(p, rng.randint(1, 2)) for p in rng.sample(KILL_POINTS, 4)] + [("startup", 0)] * 2 + [("step", 0)] * 4
     rng.shuffle(plan)
@@ -179,14 +180,15 @@ def test_kill_9_at_ten_random_moments_then_resume_is_bitwise(zygote, reference, 
         done = max([0, *check_checkpoints(run)])
         if kind in KILL_POINTS:  # the child kills itself at that point of its nth checkpoint write / log line
             child = zygote.start(*run_args, fault={"kind": kind, "nth": nth})
-        else:
+        elif kind == "startup":  # a moment before the first log line: loading, resuming, the first steps
             child = zygote.start(*run_args)
-            if kind == "step":  # a moment after a step's log line: in the checkpoint write or in the next step
-                target = done // 2 * 2 + 2 * rng.randint(1, 3)
-                assert target < STEPS, f"the plan ran out of steps: {history}"
-                child.wait_for(f"step {target}/{STEPS} ")
-            time.sleep(rng.uniform(0, 0.4 if kind == "startup" else 0.15))
-            child.kill()
+            child.kill_after(rng.uniform(0, 0.4), or_once=f"/{STEPS} loss")
+        else:  # a moment after a step's log line, before the next one: in a checkpoint write or in a step
+            child = zygote.start(*run_args)
+            target = done // 2 * 2 + 2 * rng.randint(1, 3)
+            assert target < STEPS - 2, f"the plan ran out of steps: {history}"
+            child.wait_for(f"step {target}/{STEPS} ")
+            child.kill_after(rng.uniform(0, 0.15), or_once=f"step {target + 2}/{STEPS} ")
         assert child.wait() == -signal.SIGKILL, f"{kind} kill did not land: {history} {child.stderr()[-800:]}"
         history.append((kind, nth, done))
         check_checkpoints(run)  # after every kill: no complete checkpoint is unreadable
@@ -198,12 +200,12 @@ def test_kill_9_at_ten_random_moments_then_resume_is_bitwise(zygote, reference, 
 
 
 def test_kill_9_while_building_the_data_cache_then_it_is_rebuilt_exactly(zygote, tiny_data_cache, tmp_path):
-    cache, args = tmp_path / "data", (f"data.cache_dir={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'run'}")
+    cache = tmp_path / "data"
+    args = (f"data.cache_dir={cache}", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=6")  # the data matter
     for fault in ({"kind": "data_val_half"}, {"kind": "data_before_meta"}, None):
         child = zygote.start(*args, fault=fault)
-        if fault is None:  # a random moment: building the cache again, or already training
-            time.sleep(random.Random(3).uniform(0.2, 1.5))
-            child.kill()
+        if fault is None:  # a random moment while building the cache again (or in the first steps)
+            child.kill_after(random.Random(3).uniform(0.2, 1.5), or_once="/6 loss")
         assert child.wait() == -signal.SIGKILL, child.stderr()[-800:]
         for folder in cache.iterdir():  # either complete (meta.json and every file as recorded) or not looking so
             if (folder / "meta.json").exists():
@@ -287,9 +289,10 @@ def test_damaged_newest_checkpoint_falls_back_and_loses_nothing(zygote, referenc
     _stopped_at_10(zygote, run_args, run)
     newest = run / "checkpoints" / "step_000010"
     if damage == "truncated weights":
+        size = json.loads((newest / "manifest.json").read_text())["files"]["model.safetensors"]["size"]
         with open(newest / "model.safetensors", "r+b") as f:
             f.truncate(1000)
-        why = "has 1000 bytes, 494792 were written (truncated or replaced)"
+        why = f"has 1000 bytes, {size} were written (truncated or replaced)"
     else:
         data = bytearray((newest / "state.pt").read_bytes())
         data[len(data) // 2] ^= 0x01
