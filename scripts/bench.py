@@ -5,13 +5,34 @@ memory and the forward/backward/optimizer split (see train/bench.py for the meth
     python scripts/bench.py --config configs/tiny.yaml --steps 3          # a plain training config: one variant
 
 Progress goes to stderr; stdout gets a table, or with --json one JSON object per variant per line (JSON Lines) with
-at least: variant, tokens_per_s, mfu, peak_matmul_flops, step_ms_median, peak_mem_bytes. --profile N adds one
+at least: variant, tokens_per_s, mfu, peak_matmul_flops, step_ms_median, peak_mem_bytes. "vs base" (JSON:
+tokens_per_s_vs_baseline) is the median over rounds of the variant's tokens/s ÷ the baseline's in the same round
+(paired, so machine noise mostly cancels: quote this ratio rather than two absolute numbers). --profile N adds one
 profiled step per variant (torch.profiler) and prints its N most expensive operators by self time to stderr.
 """
 import json
 import sys
 
 from _cli import make_parser, run_main
+
+
+def format_table(results: list[dict]) -> str:
+    head = (f"{'variant':<14} {'tok/s':>9} {'MFU':>6} {'vs base':>7} {'step ms (p25-p75)':>22} "
+            f"{'fwd/bwd/opt ms':>18} {'peak mem':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['tokens_per_s_vs_baseline']:>6.2f}x "
+            f"{r['step_ms_median']:>8.0f} ({r['step_ms_p25']:.0f}-{r['step_ms_p75']:.0f}) "
+            f"{r['forward_ms_median']:>6.0f}/{r['backward_ms_median']:.0f}/{r['optimizer_ms_median']:.0f} "
+            f"{r['peak_mem_bytes'] / 2**20:>7.0f}MB")
+    r = results[0]
+    rows, d_in, d_out, kind = r["peak_matmul_shape"]
+    lines.append(f"matmul peak {r['peak_matmul_flops'] / 1e9:.1f} GFLOP/s ({kind} matmul, {rows} rows, {d_in} -> "
+                 f"{d_out}); {r['device']} {r['dtype']}, {r['threads']} thread(s), torch "
+                 f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
+                 f"{r['peak_mem_source']}")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -24,7 +45,7 @@ def main() -> int:
                         help="after timing, profile one step per variant and print its top N operators")
     args = parser.parse_args()
 
-    from train.bench import format_table, load_bench, run_bench
+    from train.bench import load_bench, run_bench
 
     only = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     plan = load_bench(args.config, args.overrides, only, args.steps, args.warmup)

@@ -55,7 +55,7 @@ class BenchFile(BaseModel):
 
     @field_validator("variants", mode="before")
     @classmethod
-    def _empty_variant(cls, value: Any) -> Any:
+    def _empty_variant(cls, value: Any) -> Any:  # `name:` with nothing after it = no overrides
         return {k: (v or {}) for k, v in value.items()} if isinstance(value, dict) else value
 
 
@@ -282,7 +282,7 @@ def train_step(v: Variant, rt) -> None:
         t1 = time.perf_counter()
         objective.backward()
         loss_sum += out.loss.detach().float()
-        out.aux_losses  # the trainer reads the MoE balancing losses as floats every micro-step
+        _ = out.aux_losses  # the trainer reads the MoE balancing losses as floats every micro-step
         _sync(device)
         t2 = time.perf_counter()
         fwd, bwd, t0 = fwd + (t1 - t0), bwd + (t2 - t1), t2
@@ -357,10 +357,8 @@ def profile_step(v: Variant, rt, top: int) -> str:
 
 
 def _quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
+    xs, pos = sorted(xs), q * (len(xs) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
@@ -387,22 +385,3 @@ def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: Matm
         "steps": len(step), "warmup": plan.warmup, "device": str(rt.device), "dtype": rt.dtype,
         "threads": torch.get_num_threads(), "compile": v.cfg.train.compile, "torch": torch.__version__,
     }
-
-
-def format_table(results: list[dict]) -> str:
-    head = (f"{'variant':<14} {'tok/s':>9} {'MFU':>6} {'vs base':>7} {'step ms (p25-p75)':>22} "
-            f"{'fwd/bwd/opt ms':>18} {'peak mem':>9}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        lines.append(
-            f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['tokens_per_s_vs_baseline']:>6.2f}x "
-            f"{r['step_ms_median']:>8.0f} ({r['step_ms_p25']:.0f}-{r['step_ms_p75']:.0f}) "
-            f"{r['forward_ms_median']:>6.0f}/{r['backward_ms_median']:.0f}/{r['optimizer_ms_median']:.0f} "
-            f"{r['peak_mem_bytes'] / 2**20:>7.0f}MB")
-    r = results[0]
-    rows, d_in, d_out, kind = r["peak_matmul_shape"]
-    lines.append(f"matmul peak {r['peak_matmul_flops'] / 1e9:.1f} GFLOP/s ({kind} matmul, {rows} rows, {d_in} -> "
-                 f"{d_out}); {r['device']} {r['dtype']}, {r['threads']} thread(s), torch "
-                 f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
-                 f"{r['peak_mem_source']}")
-    return "\n".join(lines)
