@@ -94,10 +94,10 @@ def test_own_text_file(tiny_run, tmp_path, monkeypatch, capsys):
     text_file = tmp_path / "my_text.txt"
     text_file.write_text(TEXT, encoding="utf-8")
     code, out, err = run_in_process(monkeypatch, capsys, "--run", tiny_run, "--json", "--text", text_file,
-                                    "train.dtype=fp32")
+                                    "train.dtype=fp32", f"data.cache_dir={tmp_path / 'cache'}")  # not the shared one
     assert code == 0, err
     result = json.loads(out)
-    assert result["data"].startswith("local-my_text-v512-")
+    assert result["data"].startswith("local-my_text-v512-") and (tmp_path / "cache" / result["data"]).is_dir()
 
     # the file is one document: its tokens (the run's tokenizer) then the end-of-document token
     tokens = tokenizer.encode(TEXT).ids + [tokenizer.token_to_id("<|endoftext|>")]

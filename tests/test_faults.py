@@ -37,6 +37,12 @@ COMPARED = ("type", "step", "tokens", "loss", "lr", "grad_norm", "val_loss", "va
 # ----------------------------------------------------------------------------------------------------------------
 # Checks
 
+def tiny_corpus(cache: Path) -> Path:
+    """configs/tiny.yaml's corpus folder in the shared session cache (other tests may add folders beside it)."""
+    (folder,) = cache.glob("shakespeare-*")
+    return folder
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -213,7 +219,7 @@ def test_kill_9_while_building_the_data_cache_then_it_is_rebuilt_exactly(zygote,
                 assert all(sha256(folder / name) == info["sha256"] for name, info in files.items())
     child = zygote.run(*args)
     assert child.rc == 0, child.stderr()
-    (folder,), (original,) = list(cache.iterdir()), list(tiny_data_cache.iterdir())
+    (folder,), original = list(cache.iterdir()), tiny_corpus(tiny_data_cache)
     assert folder.name == original.name and not [p.name for p in folder.iterdir() if ".tmp" in p.name]
     for name in ("tokenizer.json", "train.bin", "val.bin"):
         assert sha256(folder / name) == sha256(original / name), name
@@ -308,9 +314,9 @@ def test_damaged_newest_checkpoint_falls_back_and_loses_nothing(zygote, referenc
 
 
 def test_shard_that_no_longer_matches_its_meta_is_rebuilt_with_a_message(zygote, tiny_data_cache, tmp_path):
-    cache = tmp_path / "data"
-    shutil.copytree(tiny_data_cache, cache)
-    (folder,) = cache.iterdir()
+    original = tiny_corpus(tiny_data_cache)
+    cache, folder = tmp_path / "data", tmp_path / "data" / original.name
+    shutil.copytree(original, folder)
     recorded = json.loads((folder / "meta.json").read_text())["files"]  # sizes and sha256s written with the shards
     size = (folder / "train.bin").stat().st_size
     with open(folder / "train.bin", "r+b") as f:
