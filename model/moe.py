@@ -186,7 +186,7 @@ class MoEFFN(nn.Module):
         if self.capacity_factor is not None:
             order_S, run_counts_E = self._drop_over_capacity(order_S, counts_E, n_tokens)
         token_S = order_S // K
-        y_SD = self.experts(x_ND[token_S], run_counts_E)
+        y_SD = self.experts(x_ND.index_select(0, token_S), run_counts_E)
         # weight each slot's output by its gate, then sum the K slots of every token (dropped slots add nothing)
         weight_S = weight_NK.reshape(-1)[order_S].to(y_SD.dtype)
         out_ND = y_SD.new_zeros(n_tokens, y_SD.shape[-1]).index_add_(0, token_S, y_SD * weight_S[:, None])
