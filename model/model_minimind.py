@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from model.config import FFNConfig, MiniMindConfig  # noqa: F401  (re-exported for convenience)
 from model.ffn import build_ffn
+from model.loss import linear_cross_entropy
 from model.moe import MoEFFN
 
 KVCache = list  # per layer: (k_BGPC, v_BGPC)
@@ -129,7 +130,7 @@ class MiniMindModel(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None when a loss was asked for without return_logits=True
     loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
     past_key_values: Optional[KVCache] = None
@@ -165,13 +166,17 @@ class MiniMindForCausalLM(nn.Module):
             if p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(self.RESIDUAL_PROJECTIONS) else std)
 
-    def forward(self, input_ids_BT, targets_BT=None, past_key_values=None, use_cache=False) -> CausalLMOutput:
+    def forward(self, input_ids_BT, targets_BT=None, past_key_values=None, use_cache=False,
+                return_logits=None) -> CausalLMOutput:
+        """With targets the loss comes from the chunked LM-head + cross-entropy (model/loss.py) and the logits are
+        not built unless return_logits=True; without targets the logits are returned (return_logits is ignored)."""
         h_BTD, presents = self.model(input_ids_BT, past_key_values, use_cache)
-        logits_BTV = self.lm_head(h_BTD)
-        loss = None
+        logits_BTV = loss = None
+        if targets_BT is None or return_logits:
+            logits_BTV = self.lm_head(h_BTD)
         if targets_BT is not None:
-            loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
-        aux_loss, aux_tensors = logits_BTV.new_zeros((), dtype=torch.float32), {}
+            loss = linear_cross_entropy(h_BTD.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+        aux_loss, aux_tensors = h_BTD.new_zeros((), dtype=torch.float32), {}
         for moe in self.moe_layers():
             aux_loss = aux_loss + moe.aux_loss
             for kind, value in moe.aux_losses.items():

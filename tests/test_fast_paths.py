@@ -120,7 +120,7 @@ def test_compiled_model_matches_eager_with_gradients(ffn):
     x = torch.randint(0, 64, (2, 16))
     results = []
     for module, params in ((eager, eager), (compiled, compiled_copy)):
-        out = module(x, torch.roll(x, -1, 1))
+        out = module(x, torch.roll(x, -1, 1), return_logits=True)
         (out.loss + out.aux_loss).backward()
         results.append((out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in params.named_parameters()}))
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results

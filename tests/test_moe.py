@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from model.config import FFNConfig, MiniMindConfig
 from model.model_minimind import MiniMindForCausalLM
-from model.moe import MoEFFN
+from model.moe import MoEFFN, _pad_groups
 
 D = 64
 
@@ -78,6 +78,43 @@ def test_grouped_and_loop_paths_agree(cfg):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs[mode] = moe(x).float()
     torch.testing.assert_close(outs["grouped"], outs["loop"], atol=2e-2, rtol=2e-2)
+
+
+def test_pad_groups_by_hand():
+    # 6 expert-sorted slots: expert 0 has tokens 5, 7, 9; expert 1 token 2; expert 2 none; expert 3 tokens 4, 6.
+    # pad 4: R = 6 + 4·3 = 18 -> 20 rows; groups 4, 4, 0 and the last takes the rest: 20 − 8 = 12
+    token_S = torch.tensor([5, 7, 9, 2, 4, 6])
+    weight_S = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    expert_S = torch.tensor([0, 0, 0, 1, 3, 3])
+    token_R, weight_R, counts_E = _pad_groups(token_S, weight_S, expert_S, torch.tensor([3, 1, 0, 2]), 4)
+    assert counts_E.tolist() == [4, 4, 0, 12]
+    assert token_R.tolist() == [5, 7, 9, 0, 2, 0, 0, 0, 4, 6] + [0] * 10
+    torch.testing.assert_close(weight_R, torch.tensor([0.1, 0.2, 0.3, 0, 0.4, 0, 0, 0, 0.5, 0.6] + [0.0] * 10))
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="this torch has no grouped_mm; the loop is the only path")
+def test_padded_bf16_groups_match_the_unpadded_loop_with_gradients():
+    """CPU bf16 pads every expert's rows to a multiple of 32 (oneDNN JIT, see MoEFFN.pad_rows): same output, same
+    gradients as the loop path, which does not pad."""
+    moe = make_moe(d_ff=32, n_shared_experts=1)
+    x = torch.randn(2, 16, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.pad_rows(x.view(-1, D).bfloat16()) == 32
+    seen_counts = []
+    moe.experts.register_forward_pre_hook(lambda mod, args: seen_counts.append(args[1].clone()))
+    results = {}
+    for mode in ("grouped", "loop"):
+        moe.experts.mode = mode
+        moe.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = moe(xg).float()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[mode] = (out, xg.grad, *(p.grad.clone() for p in moe.parameters()))
+    padded, unpadded = seen_counts
+    assert (padded % 32 == 0).all() and padded.sum() == 320 and unpadded.sum() == 2 * 32  # R = 64 + 8·31 -> 320
+    for a, b in zip(results["grouped"], results["loop"]):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
 
 
 def test_switch_aux_loss_equals_coefficient_under_uniform_routing():

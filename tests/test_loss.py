@@ -1,0 +1,88 @@
+"""Chunked LM-head + cross-entropy (model/loss.py) against the plain F.cross_entropy path: loss and gradients."""
+import math
+
+import pytest
+import torch
+
+import model.loss as loss_mod
+import model.model_minimind as mm
+from model.config import FFNConfig, MiniMindConfig
+from model.loss import linear_cross_entropy, reference_cross_entropy
+from model.model_minimind import MiniMindForCausalLM
+
+N, D, V = 50, 16, 37
+
+
+def inputs(ignored=(3, 4, 40)):
+    torch.manual_seed(0)
+    h = torch.randn(N, D, requires_grad=True)
+    w = (torch.randn(V, D) * 0.5).requires_grad_(True)
+    y = torch.randint(0, V, (N,))
+    y[list(ignored)] = -100
+    return h, w, y
+
+
+def loss_and_grads(fn, h, w, y, autocast=False):
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(h, w, y)
+    (2.5 * loss).backward()  # a grad_output other than 1 reaches the saved gradients
+    return loss.detach(), h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("rows", [1, 7, N, 2 * N], ids=["row-by-row", "ragged-chunks", "one-chunk", "larger"])
+def test_fp32_matches_reference(monkeypatch, rows):
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", rows * V)
+    h, w, y = inputs()
+    got, want = (loss_and_grads(f, h, w, y) for f in (linear_cross_entropy, reference_cross_entropy))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert got[1][[3, 4, 40]].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_bf16_autocast_matches_reference(monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 8 * V)
+    h, w, y = inputs()
+    got, want = (loss_and_grads(f, h, w, y, autocast=True) for f in (linear_cross_entropy, reference_cross_entropy))
+    assert got[0].dtype == torch.float32 and got[1].dtype == h.dtype and got[2].dtype == w.dtype
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)  # the loss: same bf16 logits, fp32 softmax
+    for a, b in zip(got[1:], want[1:]):  # gradients: bf16 matmuls, the weight's summed over chunks
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
+
+
+def test_no_grad_path_gives_the_same_loss(monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 9 * V)
+    h, w, y = inputs()
+    with torch.no_grad():
+        no_grad = linear_cross_entropy(h, w, y)
+    assert no_grad.item() == pytest.approx(linear_cross_entropy(h, w, y).item(), rel=1e-6)
+    assert no_grad.item() == pytest.approx(reference_cross_entropy(h, w, y).item(), rel=1e-5)
+
+
+def test_all_rows_ignored_gives_nan_like_the_reference():
+    h, w, y = inputs(ignored=range(N))
+    assert math.isnan(linear_cross_entropy(h, w, y).item())
+    assert math.isnan(reference_cross_entropy(h, w, y).item())
+
+
+@pytest.mark.parametrize("ffn", [dict(type="glu"), dict(type="moe", n_experts=4, top_k=2)], ids=["swiglu", "moe"])
+def test_model_gradients_match_the_plain_loss(monkeypatch, ffn):
+    """Whole model with tied embeddings: every parameter's gradient through the chunked loss equals the plain one."""
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 5 * 64)
+    cfg = MiniMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_seq_len=16, ffn=FFNConfig(**ffn))
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = torch.randint(0, 64, (3, 16))
+    grads = []
+    for fn in (linear_cross_entropy, reference_cross_entropy):
+        monkeypatch.setattr(mm, "linear_cross_entropy", fn)
+        model.zero_grad()
+        out = model(x, torch.roll(x, -1, 1))
+        (out.loss + out.aux_loss).backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, got), (ref_loss, want) = grads
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-4, msg=name)
