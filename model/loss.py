@@ -40,35 +40,43 @@ def _chunk_nll(logp_CV: torch.Tensor, target_C: torch.Tensor):
     return nll_C.masked_fill(~valid_C, 0).sum(), valid_C, safe_C
 
 
+def _chunked(h_ND, w_VD, target_N, rows: int, dtype: torch.dtype, with_grad: bool):
+    """-> (mean nll, 1/n_valid, and with_grad: d(sum of nll)/dh in `dtype` and d(sum of nll)/dW in fp32)."""
+    h_ND_c, w_VD_c = h_ND.to(dtype), w_VD.to(dtype)
+    inv_valid = 1.0 / (target_N != IGNORE_INDEX).sum().to(torch.float32)  # all ignored: nan, as F.cross_entropy
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+    grad_h_ND = torch.empty_like(h_ND_c) if with_grad else None
+    grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if with_grad else None
+    # every per-chunk result goes into one of these buffers: no allocation (and no page faults) inside the loop
+    C = min(rows, h_ND.shape[0])
+    logits_buf = torch.empty(C, w_VD.shape[0], dtype=dtype, device=h_ND.device)  # then the logit gradient
+    logp_buf = torch.empty(C, w_VD.shape[0], dtype=torch.float32, device=h_ND.device)
+    grad_w_buf = torch.empty(w_VD.shape, dtype=dtype, device=w_VD.device) if with_grad else None
+    for start in range(0, h_ND.shape[0], rows):
+        h_CD, target_C = h_ND_c[start:start + rows], target_N[start:start + rows]
+        c = h_CD.shape[0]
+        logits_CV = torch.mm(h_CD, w_VD_c.T, out=logits_buf[:c])
+        logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32, out=logp_buf[:c])
+        chunk_sum, valid_C, safe_C = _chunk_nll(logp_CV, target_C)
+        loss_sum += chunk_sum
+        if not with_grad:
+            continue
+        # d(sum of nll)/d logits = softmax − one_hot on valid rows, 0 on ignored ones. The 1/n_valid of the mean
+        # is applied to the two (smaller) gradients in backward, together with grad_loss.
+        grad_CV = logp_CV.exp_().scatter_add_(1, safe_C[:, None], torch.full_like(logp_CV[:, :1], -1.0))
+        grad_CV_c = torch.mul(grad_CV, valid_C[:, None], out=logits_buf[:c])  # mask + cast in one pass
+        torch.mm(grad_CV_c, w_VD_c, out=grad_h_ND[start:start + rows])
+        grad_w_VD += torch.mm(grad_CV_c.T, h_CD, out=grad_w_buf)  # fp32 sum of the chunks' bf16 products
+    return loss_sum * inv_valid, inv_valid, grad_h_ND, grad_w_VD
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND, w_VD, target_N, rows, dtype):
-        h_ND_c, w_VD_c = h_ND.to(dtype), w_VD.to(dtype)
-        inv_valid = 1.0 / (target_N != IGNORE_INDEX).sum().to(torch.float32)  # all ignored: nan, as F.cross_entropy
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
-        grad_h_ND = torch.empty_like(h_ND_c)
-        grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
-        # every per-chunk result goes into one of these buffers: no allocation (and no page faults) inside the loop
-        C = min(rows, h_ND.shape[0])
-        logits_buf = torch.empty(C, w_VD.shape[0], dtype=dtype, device=h_ND.device)  # then the logit gradient
-        logp_buf = torch.empty(C, w_VD.shape[0], dtype=torch.float32, device=h_ND.device)
-        grad_w_buf = torch.empty(w_VD.shape, dtype=dtype, device=w_VD.device)
-        for start in range(0, h_ND.shape[0], rows):
-            h_CD, target_C = h_ND_c[start:start + rows], target_N[start:start + rows]
-            c = h_CD.shape[0]
-            logits_CV = torch.mm(h_CD, w_VD_c.T, out=logits_buf[:c])
-            logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32, out=logp_buf[:c])
-            chunk_sum, valid_C, safe_C = _chunk_nll(logp_CV, target_C)
-            loss_sum += chunk_sum
-            # d(sum of nll)/d logits = softmax − one_hot on valid rows, 0 on ignored ones. The 1/n_valid of the
-            # mean is applied to the two (smaller) gradients in backward, together with grad_loss.
-            grad_CV = logp_CV.exp_().scatter_add_(1, safe_C[:, None], torch.full_like(logp_CV[:, :1], -1.0))
-            grad_CV_c = torch.mul(grad_CV, valid_C[:, None], out=logits_buf[:c])  # mask + cast in one pass
-            torch.mm(grad_CV_c, w_VD_c, out=grad_h_ND[start:start + rows])
-            grad_w_VD += torch.mm(grad_CV_c.T, h_CD, out=grad_w_buf)  # fp32 sum of the chunks' bf16 products
+        loss, inv_valid, grad_h_ND, grad_w_VD = _chunked(h_ND, w_VD, target_N, rows, dtype, with_grad=True)
         ctx.save_for_backward(grad_h_ND, grad_w_VD, inv_valid)
         ctx.h_dtype, ctx.w_dtype = h_ND.dtype, w_VD.dtype
-        return loss_sum * inv_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -84,16 +92,11 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch
     dtype, rows = _compute_dtype(h_ND), chunk_rows(w_VD.shape[0])
     if h_ND.shape[0] <= rows:  # one chunk: nothing to save, and the plain path is faster (4% on configs/tiny.yaml)
         return reference_cross_entropy(h_ND, w_VD, target_N)
-    if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
-        with torch.autocast(h_ND.device.type, enabled=False):
+    with torch.autocast(h_ND.device.type, enabled=False):
+        if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
             return _ChunkedLinearCrossEntropy.apply(h_ND, w_VD, target_N, rows, dtype)
-    with torch.no_grad(), torch.autocast(h_ND.device.type, enabled=False):  # evaluation: loss only
-        h_ND_c, w_VD_c = h_ND.to(dtype), w_VD.to(dtype)
-        total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
-        for start in range(0, h_ND.shape[0], rows):
-            logp_CV = torch.log_softmax(h_ND_c[start:start + rows] @ w_VD_c.T, dim=-1, dtype=torch.float32)
-            total += _chunk_nll(logp_CV, target_N[start:start + rows])[0]
-        return total / (target_N != IGNORE_INDEX).sum()
+        with torch.no_grad():  # evaluation: the loss only
+            return _chunked(h_ND, w_VD, target_N, rows, dtype, with_grad=False)[0]
 
 
 def reference_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:

@@ -167,7 +167,7 @@ class MiniMindForCausalLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(self.RESIDUAL_PROJECTIONS) else std)
 
     def forward(self, input_ids_BT, targets_BT=None, past_key_values=None, use_cache=False,
-                return_logits=None) -> CausalLMOutput:
+                return_logits=False) -> CausalLMOutput:
         """With targets the loss comes from the chunked LM-head + cross-entropy (model/loss.py) and the logits are
         not built unless return_logits=True; without targets the logits are returned (return_logits is ignored)."""
         h_BTD, presents = self.model(input_ids_BT, past_key_values, use_cache)

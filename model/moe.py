@@ -102,9 +102,13 @@ class GroupedExperts(nn.Module):
         align = 16 // torch.empty((), dtype=dtype).element_size()
         return ok_device and all(n % align == 0 for n in (*self.w_up.shape[1:], self.d_ff))
 
+    def uses_grouped(self, x_SD: torch.Tensor) -> bool:
+        return self.mode == "grouped" or (self.mode == "auto" and self.grouped_mm_ok(x_SD))
+
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        use_grouped = self.mode == "grouped" or (self.mode == "auto" and self.grouped_mm_ok(x_SD))
-        return self._forward_grouped(x_SD, counts_E) if use_grouped else self._forward_loop(x_SD, counts_E)
+        if self.uses_grouped(x_SD):
+            return self._forward_grouped(x_SD, counts_E)
+        return self._forward_loop(x_SD, counts_E)
 
     def _forward_grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # grouped_mm is not covered by autocast: cast like autocast would (weights to the compute dtype)
@@ -128,6 +132,12 @@ class GroupedExperts(nn.Module):
         return F.linear(self._hidden(F.linear(x_D, self.w_up[e])), self.w_down[e])
 
 
+def _position_in_group(expert_sorted_S: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Each expert-sorted slot's index inside its expert's group."""
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    return torch.arange(expert_sorted_S.numel(), device=expert_sorted_S.device) - start_E[expert_sorted_S]
+
+
 def _pad_groups(token_S, weight_S, expert_S, counts_E, pad: int):
     """Spread the expert-sorted slots over R rows so every group's row count is a multiple of `pad`.
 
@@ -139,8 +149,7 @@ def _pad_groups(token_S, weight_S, expert_S, counts_E, pad: int):
     R = -(-(S + E * (pad - 1)) // pad) * pad
     padded_E = (counts_E + pad - 1) // pad * pad
     padded_E = torch.cat([padded_E[:-1], (R - padded_E[:-1].sum()).reshape(1)])
-    start_E, padded_start_E = torch.cumsum(counts_E, 0) - counts_E, torch.cumsum(padded_E, 0) - padded_E
-    row_S = torch.arange(S, device=token_S.device) - start_E[expert_S] + padded_start_E[expert_S]
+    row_S = _position_in_group(expert_S, counts_E) + (torch.cumsum(padded_E, 0) - padded_E)[expert_S]
     token_R = token_S.new_zeros(R).index_copy_(0, row_S, token_S)
     weight_R = weight_S.new_zeros(R).index_copy(0, row_S, weight_S)  # out of place: weight_S needs its gradient
     return token_R, weight_R, padded_E
@@ -200,13 +209,14 @@ class MoEFFN(nn.Module):
             self.pending_counts += counts_E
 
         order_S = torch.argsort(expert_S, stable=True)  # slot ids grouped by expert, in token order within each
-        run_counts_E = counts_E
+        expert_sorted_S, run_counts_E = expert_S[order_S], counts_E
         if self.capacity_factor is not None:
-            order_S, run_counts_E = self._drop_over_capacity(order_S, counts_E, n_tokens)
+            order_S, expert_sorted_S, run_counts_E = self._drop_over_capacity(order_S, expert_sorted_S, counts_E,
+                                                                              n_tokens)
         token_S, weight_S = order_S // K, weight_NK.reshape(-1)[order_S]
         pad = self.pad_rows(x_ND)
         if pad > 1:  # rows R >= S: each expert's group padded with weight-0 rows (see pad_rows)
-            token_S, weight_S, run_counts_E = _pad_groups(token_S, weight_S, expert_S[order_S], run_counts_E, pad)
+            token_S, weight_S, run_counts_E = _pad_groups(token_S, weight_S, expert_sorted_S, run_counts_E, pad)
         y_SD = self.experts(x_ND.index_select(0, token_S), run_counts_E)
         # weight each slot's output by its gate, then sum the K slots of every token (dropped slots add nothing)
         weight_S = weight_S.to(y_SD.dtype)
@@ -224,16 +234,13 @@ class MoEFFN(nn.Module):
         from the primitive cache. Multiples of 32 leave a few dozen shapes that stay cached, for at most
         E·31 extra rows (3% of the slots at 8 experts, 4,096 tokens, top-2). fp32 runs on MKL: no JIT, no padding.
         """
-        if x_ND.device.type != "cpu" or self.experts.mode == "loop" or x_ND.dtype == torch.float32:
-            return 1
-        return 32 if self.experts.grouped_mm_ok(x_ND) else 1
+        on_onednn = x_ND.device.type == "cpu" and x_ND.dtype != torch.float32
+        return 32 if on_onednn and self.experts.uses_grouped(x_ND) else 1
 
-    def _drop_over_capacity(self, order_S, counts_E, n_tokens):
+    def _drop_over_capacity(self, order_S, expert_sorted_S, counts_E, n_tokens):
         capacity = math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        expert_sorted = torch.repeat_interleave(torch.arange(self.n_experts, device=counts_E.device), counts_E)
-        position_in_expert = torch.arange(order_S.numel(), device=order_S.device) - starts_E[expert_sorted]
-        return order_S[position_in_expert < capacity], counts_E.clamp(max=capacity)
+        keep_S = _position_in_group(expert_sorted_S, counts_E) < capacity
+        return order_S[keep_S], expert_sorted_S[keep_S], counts_E.clamp(max=capacity)
 
     def _losses(self, logits_NE, probs_NE, counts_E, n_tokens) -> None:
         zero = logits_NE.new_zeros(())
