@@ -1,1 +1,1 @@
-"""MiniMind decoder with a pluggable feed-forward block (see model/ffn.py for the registry)."""
+"""MiniMind decoder with a pluggable feed-forward block (see model/registry.py for the FFN registry)."""

@@ -1,25 +1,25 @@
 """Model configuration: plain dataclasses, names kept as strings so a config serialises to YAML/JSON.
 
 `train/config.py` validates these with pydantic (types, choices, unknown keys); the cross-field checks live in
-`__post_init__` here so that a config built in Python is checked the same way as one read from YAML.
+`__post_init__` here so that a config built in Python is checked the same way as one read from YAML. What depends on
+the FFN type (its valid settings, its width) is asked of the block class in model/registry.py.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "sigmoid", "identity"]
-DENSE_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2", "identity")
-GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid", "identity")
+from model.registry import ffn_class
+
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "sigmoid", "identity"]  # model/ffn.py ACTIVATIONS
 
 
 @dataclass
 class FFNConfig:
-    type: str = "glu"  # a key of model.ffn.FFN_REGISTRY: none | dense | glu | moe
+    type: str = "glu"  # a key of model.registry.FFN_REGISTRY: none | dense | glu | moe (| registered blocks)
     activation: Activation = "silu"
-    # Inner width. null: derived so every variant matches a dense 4·d FFN in parameters (GLU: 2/3 of that width;
-    # MoE: the width of each expert such that the *active* FFN parameters per token match).
+    # Inner width. null: derived by the block's width rule so every variant matches a dense 4·d FFN in parameters
+    # (GLU: 2/3 of that width; MoE: the width of each expert such that the *active* FFN parameters per token match).
     d_ff: Optional[int] = None
     # Derived widths are rounded to the nearest multiple of this (1 = exact match; larger is kinder to matmul kernels).
     multiple_of: int = 1
@@ -43,33 +43,12 @@ class FFNConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
-        from model.ffn import FFN_REGISTRY  # the registry is the one list of variants (imported late: no cycle)
-
-        if self.type not in FFN_REGISTRY:
-            valid = ", ".join(f"'{k}'" for k in FFN_REGISTRY)
-            raise ValueError(f"model.ffn.type: invalid choice '{self.type}'; valid: {valid}")
+        cls = ffn_class(self.type)  # refuses an unknown type, naming the valid ones
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"model.ffn.d_ff must be a positive integer or null, got {self.d_ff}")
         if self.multiple_of < 1:
             raise ValueError(f"model.ffn.multiple_of must be >= 1, got {self.multiple_of}")
-        if self.type == "dense" and self.activation not in DENSE_ACTIVATIONS:
-            raise ValueError(f"model.ffn.activation '{self.activation}' is not valid for a dense FFN; "
-                             f"valid: {', '.join(DENSE_ACTIVATIONS)}")
-        if self.type == "moe":
-            if self.n_experts < 1:
-                raise ValueError(f"model.ffn.n_experts must be >= 1, got {self.n_experts}")
-            if not 1 <= self.top_k <= self.n_experts:
-                raise ValueError(f"model.ffn.top_k must be between 1 and n_experts={self.n_experts}, got {self.top_k}")
-            if self.n_shared_experts < 0:
-                raise ValueError(f"model.ffn.n_shared_experts must be >= 0, got {self.n_shared_experts}")
-            if self.expert_type == "dense" and self.expert_activation not in DENSE_ACTIVATIONS:
-                raise ValueError(f"model.ffn.expert_activation '{self.expert_activation}' is not valid for dense "
-                                 f"experts; valid: {', '.join(DENSE_ACTIVATIONS)}")
-            for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-                if getattr(self, key) < 0:
-                    raise ValueError(f"model.ffn.{key} must be >= 0, got {getattr(self, key)}")
-            if self.capacity_factor is not None and self.capacity_factor <= 0:
-                raise ValueError(f"model.ffn.capacity_factor must be > 0 or null, got {self.capacity_factor}")
+        cls.validate(self)
 
 
 @dataclass
@@ -117,48 +96,7 @@ class MiniMindConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MiniMindConfig":
-        d = dict(d)
-        d["ffn"] = FFNConfig(**d.get("ffn", {}))
-        return cls(**d)
-
-
-def _round_to(x: float, multiple: int) -> int:
-    return max(multiple, int(round(x / multiple)) * multiple)
-
-
-def matrices_per_ffn(kind: str) -> int:
-    """Weight matrices of shape d×d_ff in one FFN of this kind (dense: up+down; glu: gate+up+down)."""
-    return 3 if kind == "glu" else 2
-
 
 def resolve_d_ff(ffn: FFNConfig, hidden_size: int) -> int:
-    """The FFN inner width actually built (for moe: each expert's width).
-
-    The reference is a dense FFN of width 4·d: 8·d² parameters. Dense variants use 4·d; GLU variants use 2/3 of that
-    (Shazeer 2020) so 3 matrices hold the same 8·d²; an MoE's experts are sized so that the parameters a token
-    touches — top_k routed experts + shared experts + the router — also sum to 8·d².
-    """
-    if ffn.type == "none":
-        return 0
-    if ffn.d_ff is not None:
-        return ffn.d_ff
-    d = hidden_size
-    budget = 8 * d * d
-    if ffn.type == "dense":
-        return _round_to(4 * d, ffn.multiple_of)
-    if ffn.type == "glu":
-        return _round_to(budget / (3 * d), ffn.multiple_of)
-    # moe
-    active_experts = ffn.top_k + ffn.n_shared_experts
-    router = d * ffn.n_experts
-    per_expert = (budget - router) / active_experts
-    width = per_expert / (matrices_per_ffn(ffn.expert_type) * d)
-    if width < 1:
-        raise ValueError(f"model.ffn: top_k+n_shared_experts={active_experts} experts cannot fit the dense FFN's "
-                         f"parameter budget at hidden_size={d}; set model.ffn.d_ff explicitly")
-    return _round_to(width, ffn.multiple_of)
+    """The FFN inner width actually built (MoE: each expert's width; 0: no FFN), by the block's own width rule."""
+    return ffn_class(ffn.type).width(ffn, hidden_size)

@@ -1,21 +1,25 @@
-"""The feed-forward block registry: `model.ffn.type` picks one class from `FFN_REGISTRY`.
+"""Feed-forward blocks: the `FFNBlock` contract, the activations, and the `none`, `dense` and `glu` blocks.
 
-Adding a variant = one class with `from_config(cfg)` + one registry line. Every FFN maps (..., D) -> (..., D) and
-returns its output; the MoE additionally leaves its balancing losses on `.aux_loss` / `.aux_losses` after each forward
-so the model can sum them. No biases anywhere (as in MiniMind / LLaMA).
+Every FFN maps (..., D) -> (..., D). A block class answers, without being built, everything the rest of the code
+needs to know about its type (see `FFNBlock`); model/registry.py maps `model.ffn.type` names to classes. Blocks never
+import the registry or model/config.py (configs appear in type hints only). No biases anywhere (MiniMind / LLaMA).
 
-Shape suffixes: D hidden size, F inner width (`resolve_d_ff`), `...` any leading dims.
+Parameter matching: the reference is a dense FFN of width 4·d, i.e. 8·d² parameters (`dense_ffn_params`). A block's
+`width` rule sizes it to that budget unless `model.ffn.d_ff` is given.
+
+Shape suffixes: D hidden size, F inner width (`width`), `...` any leading dims.
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.config import MiniMindConfig, resolve_d_ff
-from model.moe import MoEFFN
+if TYPE_CHECKING:
+    from model.config import FFNConfig, MiniMindConfig
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -36,10 +40,118 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "identity": identity,  # dense: a purely linear FFN; glu: the Bilinear variant
 }
+# sigmoid is a gate: as the only non-linearity of an ungated FFN it is refused (the GLU family takes every activation)
+DENSE_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "sigmoid")
 
 
-class DenseFFN(nn.Module):
+def dense_ffn_params(hidden_size: int) -> int:
+    """The parameter budget every FFN is matched against: a dense FFN of width 4·d (up + down = 8·d²)."""
+    return 8 * hidden_size * hidden_size
+
+
+def round_to(x: float, multiple: int) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def matched_width(ffn: FFNConfig, hidden_size: int, matrices: int) -> int:
+    """`d_ff` when given, else the width at which `matrices` D×F matrices hold the dense FFN's 8·d² parameters."""
+    if ffn.d_ff is not None:
+        return ffn.d_ff
+    return round_to(dense_ffn_params(hidden_size) / (matrices * hidden_size), ffn.multiple_of)
+
+
+def check_activation(key: str, activation: str, valid: tuple[str, ...], what: str) -> None:
+    if activation not in valid:
+        raise ValueError(f"model.ffn.{key} '{activation}' is not valid for {what}; valid: {', '.join(valid)}")
+
+
+class FFNBlock(nn.Module):
+    """Base of the registered feed-forward blocks. Class-level answers (no model needed):
+
+    - `matched_on`: "total" or "active", the parameter count a sweep matches against its baseline's
+    - `step_cost`: step time relative to a dense FFN's, for rough time estimates
+    - `may_skip_params`: some parameters may get no gradient in a step (DDP needs find_unused_parameters)
+    - `width(ffn, hidden_size)`: the inner width built (0: no sub-layer); honours `d_ff` and `multiple_of`
+    - `validate(ffn)`: ValueError("model.ffn.<key> ...") for a config the block cannot take
+    - `label(ffn)` / `slug(ffn)`: a short human label / a filesystem-safe name (default run names)
+    - `describe(ffn)`: type-specific fields for summaries (`activation` at least)
+    - `hf_export(ffn)`: the transformers mapping {"architecture", "activation", optionally "config": extra config
+      values}, or ValueError(why there is none); the built block then gives its weights with `hf_weights()`
+    - `from_config(cfg)`: the module for one layer (None: the block has no FFN sub-layer)
+    Instance-level, optional: `active_params()`, `hf_weights()`, `aux_loss`/`aux_losses` (summed into the model's
+    objective), `after_optimizer_step(skipped)` (called by the trainer after every optimizer step), `expert_load()`.
+    """
+
+    matched_on: ClassVar[str] = "total"
+    step_cost: ClassVar[float] = 1.0
+    may_skip_params: ClassVar[bool] = False
+
+    @classmethod
+    def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
+        raise NotImplementedError(f"{cls.__name__} must define width(ffn, hidden_size)")
+
+    @classmethod
+    def validate(cls, ffn: FFNConfig) -> None:
+        return None
+
+    @classmethod
+    def label(cls, ffn: FFNConfig) -> str:
+        return f"{ffn.type} {ffn.activation}"
+
+    @classmethod
+    def slug(cls, ffn: FFNConfig) -> str:
+        return f"{ffn.type}-{ffn.activation}"
+
+    @classmethod
+    def describe(cls, ffn: FFNConfig) -> dict:
+        return {"activation": ffn.activation}
+
+    @classmethod
+    def hf_export(cls, ffn: FFNConfig) -> dict:
+        raise ValueError(f"model.ffn.type={ffn.type} has no exact transformers equivalent")
+
+    @classmethod
+    def from_config(cls, cfg: MiniMindConfig) -> nn.Module | None:
+        raise NotImplementedError(f"{cls.__name__} must define from_config(cfg)")
+
+    def active_params(self) -> int:
+        """Parameters one token touches (all of them, unless the block routes)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+class NoFFN(FFNBlock):
+    """No FFN sub-layer at all: every block is attention only."""
+
+    @classmethod
+    def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
+        return 0
+
+    @classmethod
+    def label(cls, ffn: FFNConfig) -> str:
+        return "none"
+
+    @classmethod
+    def slug(cls, ffn: FFNConfig) -> str:
+        return "noffn"
+
+    @classmethod
+    def describe(cls, ffn: FFNConfig) -> dict:
+        return {"activation": None}
+
+    @classmethod
+    def hf_export(cls, ffn: FFNConfig) -> dict:
+        raise ValueError("model.ffn.type=none (attention-only blocks) has no transformers equivalent: every "
+                         "LLaMA-family block has an MLP; only GLU and MoE variants can be exported")
+
+    @classmethod
+    def from_config(cls, cfg: MiniMindConfig) -> None:
+        return None
+
+
+class DenseFFN(FFNBlock):
     """W_down · act(W_up · x): the original Transformer FFN."""
+
+    matrices: ClassVar[int] = 2  # weight matrices of shape D×F: up, down
 
     def __init__(self, dim: int, d_ff: int, activation: str):
         super().__init__()
@@ -49,16 +161,36 @@ class DenseFFN(nn.Module):
         self.down_proj = nn.Linear(d_ff, dim, bias=False)
 
     @classmethod
-    def from_config(cls, cfg: MiniMindConfig) -> "DenseFFN":
-        return cls(cfg.hidden_size, resolve_d_ff(cfg.ffn, cfg.hidden_size), cfg.ffn.activation)
+    def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
+        return matched_width(ffn, hidden_size, cls.matrices)  # 4·d
+
+    @classmethod
+    def validate(cls, ffn: FFNConfig) -> None:
+        check_activation("activation", ffn.activation, DENSE_ACTIVATIONS, "a dense FFN")
+
+    @classmethod
+    def hf_export(cls, ffn: FFNConfig) -> dict:
+        raise ValueError(f"model.ffn.type=dense (ungated W_down·{ffn.activation}(W_up·x)) has no exact transformers "
+                         f"equivalent: LlamaMLP always multiplies by a gate (act(gate·x)·(up·x)), and the ungated "
+                         f"families (GPT-2, GPT-NeoX, ...) use LayerNorm/biases; only GLU and MoE variants export")
+
+    @classmethod
+    def from_config(cls, cfg: MiniMindConfig) -> DenseFFN:
+        return cls(cfg.hidden_size, cls.width(cfg.ffn, cfg.hidden_size), cfg.ffn.activation)
 
     def forward(self, x_D: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x_D)))
 
 
-class GLUFFN(nn.Module):
+class GLUFFN(FFNBlock):
     """W_down · (act(W_gate · x) ⊙ W_up · x) (Shazeer 2020). Gate and up are one fused matmul (x-transformers style):
     one larger GEMM is faster than two, and the parameters are the same."""
+
+    matrices: ClassVar[int] = 3  # gate, up, down: the width is 2/3 of the dense one (8·d²/3d)
+
+    @classmethod
+    def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
+        return matched_width(ffn, hidden_size, cls.matrices)
 
     def __init__(self, dim: int, d_ff: int, activation: str):
         super().__init__()
@@ -68,26 +200,23 @@ class GLUFFN(nn.Module):
         self.down_proj = nn.Linear(d_ff, dim, bias=False)
 
     @classmethod
-    def from_config(cls, cfg: MiniMindConfig) -> "GLUFFN":
-        return cls(cfg.hidden_size, resolve_d_ff(cfg.ffn, cfg.hidden_size), cfg.ffn.activation)
+    def validate(cls, ffn: FFNConfig) -> None:
+        check_activation("activation", ffn.activation, tuple(ACTIVATIONS), "a GLU FFN")
+
+    @classmethod
+    def hf_export(cls, ffn: FFNConfig) -> dict:
+        # LlamaMLP computes down(act(gate(x)) * up(x)): our block exactly (gate = the first half of gate_up_proj)
+        return {"architecture": "llama", "activation": ffn.activation}
+
+    def hf_weights(self) -> dict[str, torch.Tensor]:
+        """This block's weights under transformers' LlamaMLP names (relative to the layer's `mlp.`)."""
+        gate_FD, up_FD = self.gate_up_proj.weight.chunk(2, dim=0)
+        return {"gate_proj.weight": gate_FD, "up_proj.weight": up_FD, "down_proj.weight": self.down_proj.weight}
+
+    @classmethod
+    def from_config(cls, cfg: MiniMindConfig) -> GLUFFN:
+        return cls(cfg.hidden_size, cls.width(cfg.ffn, cfg.hidden_size), cfg.ffn.activation)
 
     def forward(self, x_D: torch.Tensor) -> torch.Tensor:
         gate_F, up_F = self.gate_up_proj(x_D).chunk(2, dim=-1)
         return self.down_proj(self.act(gate_F) * up_F)
-
-
-# None: no FFN sub-layer at all (the block is attention only). Every class has from_config(cfg).
-FFN_REGISTRY = {
-    "none": None,
-    "dense": DenseFFN,
-    "glu": GLUFFN,
-    "moe": MoEFFN,
-}
-
-
-def build_ffn(cfg: MiniMindConfig) -> nn.Module | None:
-    kind = cfg.ffn.type
-    if kind not in FFN_REGISTRY:
-        raise ValueError(f"model.ffn.type '{kind}' is unknown; valid: {', '.join(FFN_REGISTRY)}")
-    cls = FFN_REGISTRY[kind]
-    return None if cls is None else cls.from_config(cfg)

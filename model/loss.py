@@ -3,12 +3,11 @@
 Shape suffixes: N tokens (B·T flattened), D hidden, V vocab, C rows in one chunk.
 
 Why: the plain path (`F.cross_entropy(lm_head(h).float(), y)`) materialises bf16 logits, an fp32 copy, the
-log-softmax, its gradient and a bf16 copy of that: six N×V buffers, 0.5 GB per step for MiniMind2-small (4,096
-tokens × 6,400 vocab). Fresh buffers that large come straight from the OS, so besides the memory traffic every step
-pays page faults for them (measured: ~1 s of kernel CPU time per step on the 2-core dev machine). Here each chunk of C
-rows computes its logits, loss and logit gradient (softmax − one-hot) at once, while they are in cache, and keeps
-only the gradients for h (N×D) and the weight (V×D) for backward. The idea is Liger Kernel's fused linear
-cross-entropy, written in plain PyTorch.
+log-softmax, its gradient and a bf16 copy of that: six N×V buffers, 0.5 GB per step for MiniMind2-small (4,096 tokens
+× 6,400 vocab). Fresh buffers that large come straight from the OS, so besides the memory traffic every step pays page
+faults for them. Here each chunk of C rows computes its logits, loss and logit gradient (softmax − one-hot) at once,
+while they are in cache, and keeps only the gradients for h (N×D) and the weight (V×D) for backward. The idea is Liger
+Kernel's fused linear cross-entropy, written in plain PyTorch.
 
 Numerics follow nn.Linear under autocast: h and W are cast to the compute dtype, the logits come out of the matmul
 in that dtype and are upcast to fp32 for the log-softmax, the logit gradient is cast back for the two gradient
@@ -19,17 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model.precision import compute_dtype
+
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 1 << 22  # logits per chunk (16 MB in fp32; 655 rows at vocab 6,400): 2^21..2^23 measured alike
 
 
 def chunk_rows(vocab_size: int) -> int:
     return max(1, CHUNK_LOGITS // vocab_size)
-
-
-def _compute_dtype(h_ND: torch.Tensor) -> torch.dtype:
-    device = h_ND.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_ND.dtype
 
 
 def _chunk_nll(logp_CV: torch.Tensor, target_C: torch.Tensor):
@@ -89,7 +85,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
     """mean over non-ignored rows of cross_entropy(h_ND @ w_VD.T, target_N), fp32, without N×V buffers."""
-    dtype, rows = _compute_dtype(h_ND), chunk_rows(w_VD.shape[0])
+    dtype, rows = compute_dtype(h_ND), chunk_rows(w_VD.shape[0])
     if h_ND.shape[0] <= rows:  # one chunk: nothing to save, and the plain path is faster (4% on configs/tiny.yaml)
         return reference_cross_entropy(h_ND, w_VD, target_N)
     with torch.autocast(h_ND.device.type, enabled=False):

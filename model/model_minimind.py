@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.config import FFNConfig, MiniMindConfig  # noqa: F401  (re-exported for convenience)
-from model.ffn import build_ffn
+from model.config import MiniMindConfig
 from model.loss import linear_cross_entropy
-from model.moe import MoEFFN
+from model.precision import compute_dtype
+from model.registry import build_ffn
 
 KVCache = list  # per layer: (k_BGPC, v_BGPC)
 
@@ -28,7 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # fused kernel needs one dtype
+        # the fused kernel needs one dtype
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
@@ -85,7 +86,7 @@ class MiniMindBlock(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg)
-        self.ffn = build_ffn(cfg)  # None for ffn.type 'none': the FFN sub-layer is skipped entirely
+        self.ffn = build_ffn(cfg)  # None when the block has no FFN sub-layer (ffn.type 'none'): skipped entirely
         if self.ffn is not None:
             self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.ffn_dropout = nn.Dropout(cfg.dropout)
@@ -116,8 +117,7 @@ class MiniMindModel(nn.Module):
             raise ValueError(f"sequence of {past_len + T} tokens exceeds model.max_seq_len={self.rope_cos.shape[0]}")
         x_BTD = self.dropout(self.embed_tokens(input_ids_BT))
         # cast once per call so RoPE stays in the activations' dtype (no fp32 round trip under autocast)
-        dtype = torch.get_autocast_dtype(x_BTD.device.type) if torch.is_autocast_enabled(x_BTD.device.type) \
-            else x_BTD.dtype
+        dtype = compute_dtype(x_BTD)
         cos_TC = self.rope_cos[past_len:past_len + T].to(dtype)
         sin_TC = self.rope_sin[past_len:past_len + T].to(dtype)
         presents = [] if use_cache else None
@@ -134,11 +134,12 @@ class CausalLMOutput:
     loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
     past_key_values: Optional[KVCache] = None
-    aux_loss_tensors: dict = field(default_factory=dict)  # kind -> detached 0-dim tensor, summed over MoE layers
+    aux_loss_tensors: dict = field(default_factory=dict)  # kind -> detached 0-dim tensor, summed over the layers
 
     @property
     def aux_losses(self) -> dict[str, float]:
-        """Balancing losses per kind (with coefficients), as floats. Converted on access: no sync in forward."""
+        """Auxiliary (e.g. MoE balancing) losses per kind, with coefficients, as floats. Converted on access: no sync
+        in forward."""
         return {k: float(v) for k, v in self.aux_loss_tensors.items()}
 
 
@@ -177,10 +178,11 @@ class MiniMindForCausalLM(nn.Module):
         if targets_BT is not None:
             loss = linear_cross_entropy(h_BTD.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
         aux_loss, aux_tensors = h_BTD.new_zeros((), dtype=torch.float32), {}
-        for moe in self.moe_layers():
-            aux_loss = aux_loss + moe.aux_loss
-            for kind, value in moe.aux_losses.items():
-                aux_tensors[kind] = aux_tensors.get(kind, 0) + value.detach()
+        for ffn in self.ffn_layers():  # blocks with auxiliary losses leave them on .aux_loss / .aux_losses
+            if getattr(ffn, "aux_loss", None) is not None:
+                aux_loss = aux_loss + ffn.aux_loss
+                for kind, value in ffn.aux_losses.items():
+                    aux_tensors[kind] = aux_tensors.get(kind, 0) + value.detach()
         return CausalLMOutput(logits_BTV, loss, aux_loss, presents, aux_tensors)
 
     # --- generation ------------------------------------------------------------------------------------------------
@@ -240,17 +242,17 @@ class MiniMindForCausalLM(nn.Module):
 
     # --- accounting ---------------------------------------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
-        """total counts a tied embedding once; active = what one token touches (MoE: top_k routed + shared experts +
-        router); embedding = the token embedding (the LM head too when tied); non_embedding = total − embedding."""
+        """total counts a tied embedding once; active = what one token touches (the FFN's active_params(); MoE: top_k
+        routed + shared experts + router); embedding = the token embedding (the LM head too when tied);
+        non_embedding = total − embedding."""
         total = sum(p.numel() for p in self.parameters())
         embedding = self.model.embed_tokens.weight.numel()
         attention = sum(p.numel() for layer in self.model.layers for p in layer.attn.parameters())
         ffn = ffn_active = 0
-        for layer in self.model.layers:
-            if layer.ffn is not None:
-                n = sum(p.numel() for p in layer.ffn.parameters())
-                ffn += n
-                ffn_active += layer.ffn.active_params() if isinstance(layer.ffn, MoEFFN) else n
+        for layer_ffn in self.ffn_layers():
+            n = sum(p.numel() for p in layer_ffn.parameters())
+            ffn += n
+            ffn_active += layer_ffn.active_params() if hasattr(layer_ffn, "active_params") else n
         return dict(total=total, active=total - ffn + ffn_active, non_embedding=total - embedding,
                     embedding=embedding, ffn=ffn, ffn_active=ffn_active, attention=attention)
 
@@ -268,12 +270,18 @@ class MiniMindForCausalLM(nn.Module):
         return dict(params=counts["ffn"] / counts["total"],
                     flops=6 * counts["ffn_active"] / self.flops_per_token(seq_len))
 
-    # --- MoE observability ------------------------------------------------------------------------------------------
-    def moe_layers(self) -> list[MoEFFN]:
-        return [layer.ffn for layer in self.model.layers if isinstance(layer.ffn, MoEFFN)]
+    # --- the FFN sub-layers and what they report ------------------------------------------------------------------
+    def ffn_layers(self) -> list[nn.Module]:
+        """Every layer's FFN sub-layer (none for blocks without one)."""
+        return [layer.ffn for layer in self.model.layers if layer.ffn is not None]
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The FFN sub-layers that count their expert load (those with expert_load(); checkpoints save their counts
+        in this order)."""
+        return [ffn for ffn in self.ffn_layers() if hasattr(ffn, "expert_load")]
 
     def expert_load(self) -> list[list[float]]:
-        """Per MoE layer: fraction of routed token slots per expert since the last reset_expert_load()."""
+        """Per MoE layer: fraction of routed token slots per expert since the last reset_expert_load() ([] if none)."""
         return [moe.expert_load() for moe in self.moe_layers()]
 
     def reset_expert_load(self) -> None:
@@ -281,9 +289,11 @@ class MiniMindForCausalLM(nn.Module):
             moe.reset_expert_load()
 
     def update_router_bias(self) -> None:
-        """Aux-loss-free balancing: call once per optimizer step. No-op unless balancing == aux_free."""
-        for moe in self.moe_layers():
-            moe.update_bias()
+        """Every sub-module's after_optimizer_step() (MoE: the aux-loss-free bias); call once per optimizer step.
+        The trainer runs the same loop itself; this stays for train/bench.py until it does too."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
 
 
 def sample_next_token(logits_BV, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):

@@ -18,24 +18,28 @@ Design choices (see also tests/test_moe.py):
   and is applied whenever z_loss_coef > 0, whatever the balancing mode.
 - Expert load is counted with tensors (no sync); `expert_load()` converts to floats only when asked. Counting only
   happens in training mode, so evaluation and generation do not move the aux-free bias.
+- Per-step bookkeeping is the block's own: `after_optimizer_step(skipped)` moves the aux-free bias (all-reducing the
+  routed-slot counts under torch.distributed) and discards the counts of a skipped step.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.config import MiniMindConfig, resolve_d_ff
+from model.ffn import ACTIVATIONS, DENSE_ACTIVATIONS, GLUFFN, DenseFFN, FFNBlock, check_activation, dense_ffn_params, \
+    round_to
+from model.precision import compute_dtype
+
+if TYPE_CHECKING:
+    from model.config import FFNConfig, MiniMindConfig
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+EXPERT_CLASSES = {"dense": DenseFFN, "glu": GLUFFN}  # model.ffn.expert_type -> the block one expert computes
 
 
 class Router(nn.Module):
@@ -44,7 +48,7 @@ class Router(nn.Module):
         self.n_experts, self.top_k, self.scoring, self.norm_topk_prob = n_experts, top_k, scoring, norm_topk_prob
         self.gate = nn.Linear(dim, n_experts, bias=False)
         # Aux-loss-free balancing bias: added to the scores only to choose the top-k (a persistent buffer, not a
-        # parameter: it is moved by update_bias, never by the optimizer). Stays zero unless balancing == aux_free.
+        # parameter: moved by MoEFFN.after_optimizer_step, never by the optimizer). Zero unless balancing == aux_free.
         self.register_buffer("selection_bias", torch.zeros(n_experts))
 
     def forward(self, x_ND: torch.Tensor):
@@ -64,22 +68,17 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E experts of the same shape with stacked weights, run on expert-sorted tokens.
-
-    `mode`: "auto" (grouped matmul when it works for the device/dtype/shapes, else the loop), "grouped" or "loop".
-    """
+    """E experts of the same shape with stacked weights, run on expert-sorted tokens: one grouped matmul when it
+    works for the device, dtype and shapes (`grouped_mm_ok`), else a loop over the experts."""
 
     def __init__(self, n_experts: int, dim: int, d_ff: int, kind: str, activation: str):
         super().__init__()
-        from model.ffn import ACTIVATIONS  # here, not at the top: model/ffn.py imports this module for its registry
-
         self.kind, self.activation, self.d_ff = kind, activation, d_ff
         self.act = ACTIVATIONS[activation]
         up = 2 * d_ff if kind == "glu" else d_ff
         # Stored like nn.Linear weights (out, in): x @ w.T is the fast GEMM layout on CPU.
         self.w_up = nn.Parameter(torch.empty(n_experts, up, dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, d_ff))
-        self.mode = "auto"
 
     def _hidden(self, h_SU: torch.Tensor) -> torch.Tensor:
         if self.kind == "glu":
@@ -88,7 +87,7 @@ class GroupedExperts(nn.Module):
         return self.act(h_SU)
 
     def grouped_mm_ok(self, x_SD: torch.Tensor) -> bool:
-        dtype = _autocast_dtype(x_SD.device.type) or x_SD.dtype
+        dtype = compute_dtype(x_SD)
         if _GROUPED_MM is None:
             return False
         if x_SD.device.type == "cpu":
@@ -102,17 +101,14 @@ class GroupedExperts(nn.Module):
         align = 16 // torch.empty((), dtype=dtype).element_size()
         return ok_device and all(n % align == 0 for n in (*self.w_up.shape[1:], self.d_ff))
 
-    def uses_grouped(self, x_SD: torch.Tensor) -> bool:
-        return self.mode == "grouped" or (self.mode == "auto" and self.grouped_mm_ok(x_SD))
-
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self.uses_grouped(x_SD):
+        if self.grouped_mm_ok(x_SD):
             return self._forward_grouped(x_SD, counts_E)
         return self._forward_loop(x_SD, counts_E)
 
     def _forward_grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # grouped_mm is not covered by autocast: cast like autocast would (weights to the compute dtype)
-        dtype = _autocast_dtype(x_SD.device.type) or x_SD.dtype
+        dtype = compute_dtype(x_SD)
         w_up, w_down = self.w_up.to(dtype), self.w_down.to(dtype)
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         h_SU = _GROUPED_MM(x_SD.to(dtype), w_up.transpose(-2, -1), offs=offsets_E)
@@ -126,12 +122,6 @@ class GroupedExperts(nn.Module):
         if not outputs:
             return x_SD.new_zeros(x_SD.shape)
         return torch.cat(outputs)
-
-    def expert_forward(self, e: int, x_D: torch.Tensor) -> torch.Tensor:
-        """Expert e on any input, written out plainly (for the naive reference)."""
-        return F.linear(self._hidden(F.linear(x_D, self.w_up[e])), self.w_down[e])
-
-
 def _position_in_group(expert_sorted_S: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Each expert-sorted slot's index inside its expert's group."""
     start_E = torch.cumsum(counts_E, 0) - counts_E
@@ -155,36 +145,128 @@ def _pad_groups(token_S, weight_S, expert_S, counts_E, pad: int):
     return token_R, weight_R, padded_E
 
 
-class MoEFFN(nn.Module):
-    def __init__(self, dim: int, n_experts: int, top_k: int, d_ff: int, expert_type: str = "glu",
-                 expert_activation: str = "silu", n_shared_experts: int = 0, router_scoring: str = "softmax",
-                 norm_topk_prob: bool = True, balancing: str = "aux_loss", aux_loss_coef: float = 0.01,
-                 z_loss_coef: float = 0.001, bias_update_rate: float = 0.001, capacity_factor: float | None = None):
-        from model.ffn import DenseFFN, GLUFFN
+class MoEFFN(FFNBlock):
+    """Top-k routed experts (+ optional shared experts), matched on *active* parameters: the router, top_k routed
+    experts and the shared experts a token touches together hold the dense FFN's 8·d²."""
 
+    matched_on: ClassVar[str] = "active"
+    step_cost: ClassVar[float] = 1.25  # routing, sorting and smaller matmuls: up to ~1.25x a dense step
+    may_skip_params: ClassVar[bool] = True  # an expert may get no tokens in a micro-batch
+
+    def __init__(self, dim: int, ffn: FFNConfig):
         super().__init__()
-        self.n_experts, self.top_k, self.d_ff = n_experts, top_k, d_ff
-        self.n_shared_experts = n_shared_experts
-        self.balancing, self.aux_loss_coef, self.z_loss_coef = balancing, aux_loss_coef, z_loss_coef
-        self.bias_update_rate, self.capacity_factor = bias_update_rate, capacity_factor
-        self.router = Router(dim, n_experts, top_k, router_scoring, norm_topk_prob)
-        self.experts = GroupedExperts(n_experts, dim, d_ff, expert_type, expert_activation)
+        d_ff = self.width(ffn, dim)
+        self.n_experts, self.top_k, self.d_ff = ffn.n_experts, ffn.top_k, d_ff
+        self.n_shared_experts = ffn.n_shared_experts
+        self.balancing, self.aux_loss_coef, self.z_loss_coef = ffn.balancing, ffn.aux_loss_coef, ffn.z_loss_coef
+        self.bias_update_rate, self.capacity_factor = ffn.bias_update_rate, ffn.capacity_factor
+        self.router = Router(dim, ffn.n_experts, ffn.top_k, ffn.router_scoring, ffn.norm_topk_prob)
+        self.experts = GroupedExperts(ffn.n_experts, dim, d_ff, ffn.expert_type, ffn.expert_activation)
         # n shared experts of width F summed == one FFN of width n·F (same parameters, one bigger matmul)
-        shared_cls = GLUFFN if expert_type == "glu" else DenseFFN
-        self.shared_experts = (shared_cls(dim, n_shared_experts * d_ff, expert_activation)
-                               if n_shared_experts else None)
-        # routed slots per expert: since reset_expert_load() (logging) and since the last bias update (aux_free)
-        self.register_buffer("load_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("pending_counts", torch.zeros(n_experts, dtype=torch.long), persistent=False)
+        shared_cls = EXPERT_CLASSES[ffn.expert_type]
+        self.shared_experts = (shared_cls(dim, ffn.n_shared_experts * d_ff, ffn.expert_activation)
+                               if ffn.n_shared_experts else None)
+        # routed slots per expert: since reset_expert_load() (logging) and since the last optimizer step (aux_free)
+        self.register_buffer("load_counts", torch.zeros(ffn.n_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("pending_counts", torch.zeros(ffn.n_experts, dtype=torch.long), persistent=False)
         self.aux_loss: torch.Tensor | None = None  # coefficient-weighted sum, set by every forward
         self.aux_losses: dict[str, torch.Tensor] = {}  # each kind, coefficient applied
 
+    # --- what the rest of the code asks of the type ------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: MiniMindConfig) -> "MoEFFN":
-        f = cfg.ffn
-        return cls(cfg.hidden_size, f.n_experts, f.top_k, resolve_d_ff(f, cfg.hidden_size), f.expert_type,
-                   f.expert_activation, f.n_shared_experts, f.router_scoring, f.norm_topk_prob, f.balancing,
-                   f.aux_loss_coef, f.z_loss_coef, f.bias_update_rate, f.capacity_factor)
+    def from_config(cls, cfg: MiniMindConfig) -> MoEFFN:
+        return cls(cfg.hidden_size, cfg.ffn)
+
+    @classmethod
+    def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
+        """Each expert's width: top_k routed + n_shared_experts experts + the router hold the dense FFN's 8·d²."""
+        if ffn.d_ff is not None:
+            return ffn.d_ff
+        d = hidden_size
+        active_experts = ffn.top_k + ffn.n_shared_experts
+        per_expert = (dense_ffn_params(d) - d * ffn.n_experts) / active_experts
+        width = per_expert / (EXPERT_CLASSES[ffn.expert_type].matrices * d)
+        if width < 1:
+            raise ValueError(f"model.ffn: top_k+n_shared_experts={active_experts} experts cannot fit the dense FFN's "
+                             f"parameter budget at hidden_size={d}; set model.ffn.d_ff explicitly")
+        return round_to(width, ffn.multiple_of)
+
+    @classmethod
+    def validate(cls, ffn: FFNConfig) -> None:
+        if ffn.n_experts < 1:
+            raise ValueError(f"model.ffn.n_experts must be >= 1, got {ffn.n_experts}")
+        if not 1 <= ffn.top_k <= ffn.n_experts:
+            raise ValueError(f"model.ffn.top_k must be between 1 and n_experts={ffn.n_experts}, got {ffn.top_k}")
+        if ffn.n_shared_experts < 0:
+            raise ValueError(f"model.ffn.n_shared_experts must be >= 0, got {ffn.n_shared_experts}")
+        if ffn.expert_type not in EXPERT_CLASSES:
+            raise ValueError(f"model.ffn.expert_type '{ffn.expert_type}' is unknown; valid: "
+                             f"{', '.join(EXPERT_CLASSES)}")
+        valid = DENSE_ACTIVATIONS if ffn.expert_type == "dense" else tuple(ACTIVATIONS)
+        check_activation("expert_activation", ffn.expert_activation, valid, f"{ffn.expert_type} experts")
+        for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(ffn, key) < 0:
+                raise ValueError(f"model.ffn.{key} must be >= 0, got {getattr(ffn, key)}")
+        if ffn.capacity_factor is not None and ffn.capacity_factor <= 0:
+            raise ValueError(f"model.ffn.capacity_factor must be > 0 or null, got {ffn.capacity_factor}")
+
+    @classmethod
+    def label(cls, ffn: FFNConfig) -> str:
+        return f"moe {ffn.n_experts}x{ffn.top_k}{cls._shared(ffn)} {ffn.expert_type}-{ffn.expert_activation}"
+
+    @classmethod
+    def slug(cls, ffn: FFNConfig) -> str:
+        return f"moe{ffn.n_experts}x{ffn.top_k}{cls._shared(ffn)}-{ffn.expert_type}-{ffn.expert_activation}"
+
+    @staticmethod
+    def _shared(ffn: FFNConfig) -> str:
+        return f"+{ffn.n_shared_experts}s" if ffn.n_shared_experts else ""
+
+    @classmethod
+    def describe(cls, ffn: FFNConfig) -> dict:
+        return dict(activation=ffn.expert_activation, n_experts=ffn.n_experts, top_k=ffn.top_k,
+                    n_shared_experts=ffn.n_shared_experts, expert_type=ffn.expert_type,
+                    router_scoring=ffn.router_scoring, balancing=ffn.balancing)
+
+    @classmethod
+    def hf_export(cls, ffn: FFNConfig) -> dict:
+        """Mixtral, only where its routing is ours exactly: softmax over all experts -> top-k -> divide by the top-k
+        sum, gated experts stored like ours (gate_up_proj (E, 2F, D) gate first, down_proj (E, D, F)). Qwen3-MoE has
+        the norm_topk_prob flag but adds per-head q/k RMSNorm to attention, which our model does not have."""
+        why = None
+        if ffn.expert_type != "glu":
+            why = (f"model.ffn.expert_type={ffn.expert_type}: Mixtral experts are gated (act(gate·x)·(up·x)); "
+                   f"ungated experts have no equivalent")
+        elif ffn.n_shared_experts:
+            why = (f"model.ffn.n_shared_experts={ffn.n_shared_experts}: Mixtral has no shared experts (Qwen2-MoE's "
+                   f"shared expert has an extra sigmoid gate and attention biases, so it is not an exact match either)")
+        elif ffn.router_scoring != "softmax":
+            why = (f"model.ffn.router_scoring={ffn.router_scoring}: Mixtral scores experts with a softmax over all "
+                   f"router logits")
+        elif ffn.top_k == 1:
+            why = ("model.ffn.top_k=1: our top-1 gate weight is the router probability, Mixtral renormalises the "
+                   "top-k weights (giving 1); Qwen3-MoE could keep the probability but adds per-head q/k RMSNorm to "
+                   "attention")
+        elif not ffn.norm_topk_prob:
+            why = ("model.ffn.norm_topk_prob=false: Mixtral always renormalises the top-k weights; Qwen3-MoE has the "
+                   "flag but adds per-head q/k RMSNorm to attention, which our model does not have")
+        elif ffn.capacity_factor is not None:
+            why = (f"model.ffn.capacity_factor={ffn.capacity_factor}: tokens over an expert's capacity are dropped, "
+                   f"transformers' MoE models never drop tokens")
+        if why:
+            raise ValueError(f"cannot export this MoE as Mixtral: {why}")
+        return {"architecture": "mixtral", "activation": ffn.expert_activation,
+                "config": dict(num_local_experts=ffn.n_experts, num_experts_per_tok=ffn.top_k,
+                               router_jitter_noise=0.0, router_aux_loss_coef=ffn.aux_loss_coef)}
+
+    def hf_weights(self) -> dict[str, torch.Tensor]:
+        """This block's weights under transformers' Mixtral names (relative to the layer's `mlp.`)."""
+        if bool(self.router.selection_bias.any()):
+            raise ValueError("cannot export this MoE as Mixtral: the router's selection bias (aux-loss-free "
+                             "balancing, model.ffn.balancing=aux_free) is nonzero: it changes which experts are "
+                             "picked, and Mixtral's router has no such bias")
+        return {"gate.weight": self.router.gate.weight, "experts.gate_up_proj": self.experts.w_up,
+                "experts.down_proj": self.experts.w_down}
 
     def active_params(self) -> int:
         """Parameters one token touches: the router, top_k routed experts and the shared experts."""
@@ -192,11 +274,10 @@ class MoEFFN(nn.Module):
         shared = sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts else 0
         return self.router.gate.weight.numel() + self.top_k * per_expert + shared
 
+    # --- forward ---------------------------------------------------------------------------------------------------
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        compute_dtype = _autocast_dtype(x_ND.device.type)
-        if compute_dtype is not None:  # cast the N tokens once, not the N·K gathered copies
-            x_ND = x_ND.to(compute_dtype)
+        x_ND = x_ND.to(compute_dtype(x_ND))  # under autocast: cast the N tokens once, not the N·K gathered copies
         n_tokens, K = x_ND.shape[0], self.top_k
         logits_NE, probs_NE, expert_NK, weight_NK = self.router(x_ND)
         expert_S = expert_NK.reshape(-1)
@@ -229,13 +310,12 @@ class MoEFFN(nn.Module):
         """Row multiple for every expert's group: 32 for grouped bf16/fp16 matmuls on CPU, else 1 (no padding).
 
         On CPU these run on oneDNN, which JIT-compiles a kernel for every new matmul shape. Expert group sizes
-        follow the routing, which changes every step, so unpadded groups compiled ~1,000 kernels per step on
-        MiniMind2-small 8×2 (seen with strace/gdb: Xbyak mmaps under brgemm_kernel_create) and lost them again
-        from the primitive cache. Multiples of 32 leave a few dozen shapes that stay cached, for at most
-        E·31 extra rows (3% of the slots at 8 experts, 4,096 tokens, top-2). fp32 runs on MKL: no JIT, no padding.
+        follow the routing, which changes every step, so unpadded groups compile hundreds of kernels per step and
+        lose them again from the primitive cache. Multiples of 32 leave a few dozen shapes that stay cached, for at
+        most E·31 extra rows. fp32 runs on MKL: no JIT, no padding.
         """
         on_onednn = x_ND.device.type == "cpu" and x_ND.dtype != torch.float32
-        return 32 if on_onednn and self.experts.uses_grouped(x_ND) else 1
+        return 32 if on_onednn and self.experts.grouped_mm_ok(x_ND) else 1
 
     def _drop_over_capacity(self, order_S, expert_sorted_S, counts_E, n_tokens):
         capacity = math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts)
@@ -253,31 +333,25 @@ class MoEFFN(nn.Module):
         self.aux_loss = aux + z
         self.aux_losses = {"aux_loss": aux, "z_loss": z}
 
-    # --- observability and aux-loss-free balancing -----------------------------------------------------------
+    # --- per-step bookkeeping and observability ------------------------------------------------------------------
+    @torch.no_grad()
+    def after_optimizer_step(self, skipped: bool = False) -> None:
+        """Once per optimizer step. Aux-loss-free balancing (DeepSeek-V3): bias += γ·sign(mean load − load), from the
+        slots routed since the previous call, summed over all processes under torch.distributed so every rank's bias
+        stays the same (every rank calls this for every aux_free layer, in the same order, with the same `skipped`).
+        A skipped step (non-finite loss) only discards its counts: its routing must not steer the bias."""
+        if self.balancing == "aux_free" and not skipped:
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(self.pending_counts)
+            if int(self.pending_counts.sum()) > 0:
+                load_E = self.pending_counts.float()
+                self.router.selection_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.pending_counts.zero_()
+
     def expert_load(self) -> list[float]:
+        """Fraction of routed token slots per expert since the last reset_expert_load() (this process only)."""
         total = int(self.load_counts.sum())
         return [0.0] * self.n_experts if total == 0 else (self.load_counts.double() / total).tolist()
 
     def reset_expert_load(self) -> None:
         self.load_counts.zero_()
-
-    @torch.no_grad()
-    def update_bias(self) -> None:
-        """DeepSeek-V3: bias += γ·sign(mean load − load) from the load since the last call, once per optimizer step."""
-        if self.balancing == "aux_free" and int(self.pending_counts.sum()) > 0:
-            load_E = self.pending_counts.float()
-            self.router.selection_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
-        self.pending_counts.zero_()
-
-    @torch.no_grad()
-    def reference_forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """Naive per-token loop (no sorting, no grouping) for tests; ignores capacity_factor."""
-        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        _, _, expert_NK, weight_NK = self.router(x_ND)
-        out_ND = torch.zeros_like(x_ND)
-        for n in range(x_ND.shape[0]):
-            for k in range(self.top_k):
-                out_ND[n] += weight_NK[n, k] * self.experts.expert_forward(int(expert_NK[n, k]), x_ND[n])
-            if self.shared_experts is not None:
-                out_ND[n] += self.shared_experts(x_ND[n])
-        return out_ND.view_as(x_BTD)

@@ -5,10 +5,12 @@ memory and the forward/backward/optimizer split (see train/bench.py for the meth
     python scripts/bench.py --config configs/tiny.yaml --steps 3          # a plain training config: one variant
 
 Progress goes to stderr; stdout gets a table, or with --json one JSON object per variant per line (JSON Lines) with
-at least: variant, tokens_per_s, mfu, peak_matmul_flops, step_ms_median, peak_mem_bytes. "vs base" (JSON:
-tokens_per_s_vs_baseline) is the median over rounds of the variant's tokens/s ÷ the baseline's in the same round
-(paired, so machine noise mostly cancels: quote this ratio rather than two absolute numbers). --profile N adds one
-profiled step per variant (torch.profiler) and prints its N most expensive operators by self time to stderr.
+at least: variant, tokens_per_s, mfu, peak_matmul_flops, step_ms_median, peak_mem_bytes, cpu and cpu_isa (the CPU
+model and its best matmul instructions: AMX, AVX-512-BF16, AVX-512 or AVX2), gpu (on CUDA), machine_peak_flops and
+train_mfu (against the cached peak that training runs divide by). "vs base" (JSON: tokens_per_s_vs_baseline) is the
+median over rounds of the variant's tokens/s ÷ the baseline's in the same round (paired, so machine noise mostly
+cancels: quote this ratio rather than two absolute numbers). --profile N adds one profiled step per variant
+(torch.profiler) and prints its N most expensive operators by self time to stderr.
 """
 import json
 import sys
@@ -32,6 +34,10 @@ def format_table(results: list[dict]) -> str:
                  f"{d_out}); {r['device']} {r['dtype']}, {r['threads']} thread(s), torch "
                  f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
                  f"{r['peak_mem_source']}")
+    gpu = f"; GPU {r['gpu']}" if r.get("gpu") else ""
+    lines.append(f"CPU {r['cpu']} (matmul ISA {r['cpu_isa']}){gpu}; MFU as training logs it (vs the cached "
+                 f"square-matmul peak {r['machine_peak_flops'] / 1e9:.1f} GFLOP/s): " +
+                 ", ".join(f"{x['variant']} {x['train_mfu']:.1%}" for x in results))
     return "\n".join(lines)
 
 

@@ -4,9 +4,10 @@
 
 The directory loads without custom code:
     AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)
-GLU variants become LlamaForCausalLM, MoE variants (GLU experts, softmax top-k>=2 routing with renormalised weights,
-no shared experts, no selection bias, no token dropping) MixtralForCausalLM. Other variants have no exact equivalent
-and are refused with the reason. Needs transformers (pip install -r requirements-dev.txt).
+The FFN block class decides the mapping (its hf_export): GLU variants become LlamaForCausalLM, MoE variants (GLU
+experts, softmax top-k>=2 routing with renormalised weights, no shared experts, no selection bias, no token dropping)
+MixtralForCausalLM. Other variants have no exact equivalent and are refused with the reason. Needs transformers
+(pip install -r requirements-dev.txt).
 """
 from _cli import _Parser, run_main
 

@@ -18,7 +18,8 @@ from _cli import make_parser, run_main
 import torch  # noqa: E402
 
 from model.config import resolve_d_ff  # noqa: E402
-from model.model_minimind import MiniMindForCausalLM  # noqa: E402
+from model.counting import meta_model  # noqa: E402
+from model.registry import ffn_class  # noqa: E402
 from train.config import ffn_label, load_config  # noqa: E402
 
 
@@ -47,17 +48,19 @@ def module_table(model: torch.nn.Module) -> list[tuple[str, int, int]]:
 def summarize(cfg) -> dict:
     vocab_size, vocab_source = resolve_vocab(cfg)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab_size)
-    with torch.device("meta"):
-        model = MiniMindForCausalLM(model_cfg)
+    model = meta_model(model_cfg)
     counts = model.param_counts()
     share = model.ffn_share()
     ffn = model_cfg.ffn
+    block = ffn_class(ffn.type)
+    details = dict(block.describe(ffn))
     info = {
         "ffn_type": ffn.type,
         "ffn_label": ffn_label(ffn),
-        "ffn_activation": (ffn.expert_activation if ffn.type == "moe" else ffn.activation) if ffn.type != "none"
-        else None,
+        "ffn_name": block.label(ffn),
+        "ffn_activation": details.pop("activation", None),
         "ffn_d_ff": resolve_d_ff(ffn, model_cfg.hidden_size),
+        "ffn_matched_on": block.matched_on,
         "total_params": counts["total"],
         "active_params": counts["active"],
         "non_embedding_params": counts["non_embedding"],
@@ -75,9 +78,7 @@ def summarize(cfg) -> dict:
         "num_hidden_layers": model_cfg.num_hidden_layers,
         "tie_word_embeddings": model_cfg.tie_word_embeddings,
     }
-    if ffn.type == "moe":
-        info.update(n_experts=ffn.n_experts, top_k=ffn.top_k, n_shared_experts=ffn.n_shared_experts,
-                    expert_type=ffn.expert_type, router_scoring=ffn.router_scoring, balancing=ffn.balancing)
+    info.update(details)  # the block's own fields (MoE: n_experts, top_k, ...)
     info["modules"] = [dict(module=m, params=n, instances=k) for m, n, k in module_table(model)]
     return info
 
@@ -93,10 +94,11 @@ def print_human(info: dict) -> None:
     print()
     if info["vocab_size_source"] != "model.vocab_size":
         print(f"note: {info['vocab_size_source']} = {info['vocab_size']}")
-    ffn = info["ffn_label"] + ("" if info["ffn_type"] == "none" else f", d_ff={info['ffn_d_ff']}"
-                               + (" per expert" if info["ffn_type"] == "moe" else ""))
+    ffn = info["ffn_name"] + (f", d_ff={info['ffn_d_ff']}" + (" per expert" if "n_experts" in info else "")
+                              if info["ffn_d_ff"] else "")
     lines = [
         ("FFN variant", ffn),
+        ("parameter-matched on", f"{info['ffn_matched_on']} params"),
         ("total params", f"{total:,}"),
         ("active params / token", f"{info['active_params']:,}"),
         ("non-embedding params", f"{info['non_embedding_params']:,}"),

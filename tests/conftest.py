@@ -6,6 +6,8 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="wandb-tests-"))
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the matmul-peak cache (train/hardware.py) of a test session never mixes with the user's
+os.environ["MINIMIND_CACHE_DIR"] = tempfile.mkdtemp(prefix="minimind-cache-tests-")
 
 
 import pytest  # noqa: E402

@@ -97,6 +97,11 @@ CASES = {
     "top_k > n_experts": Case(("--config", "{tmp}/bad.yaml"), ("model.ffn.top_k", "between 1 and n_experts=4",
                                                                "got 8"),
                               files=config("model:", "  ffn: {type: moe, n_experts: 4, top_k: 8}")),
+    "non-finite number in a file": Case(("--config", "{tmp}/bad.yaml"), (
+        "model.rope_theta must be a finite number, got inf ({tmp}/bad.yaml)",),
+        files=config("model:", "  rope_theta: .inf")),
+    "interpolation in a file (reads the environment)": Case(("--config", "{tmp}/bad.yaml"), (
+        "name: interpolations (${...}) are not supported ({tmp}/bad.yaml)",), files=config("name: ${oc.env:PATH}")),
     "extends cycle": Case(("--config", "{tmp}/a.yaml"), ("'extends' cycle", "{tmp}/a.yaml -> {tmp}/b.yaml -> "
                                                          "{tmp}/a.yaml"),
                           files={"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}),
@@ -119,6 +124,11 @@ CASES = {
     "override yaml tag (code execution)": Case(
         (*TRAIN, "train.seed=!!python/object/apply:os.system [touch pwned]"),
         ("override 'train.seed=!!python/object/apply:os.system [touch pwned]'", "cannot parse the value")),
+    "override nan": Case((*TRAIN, "train.lr=nan"), ("train.lr must be a finite number, got nan (command line)",)),
+    "override inf": Case((*TRAIN, "model.ffn.aux_loss_coef=.inf"), (
+        "model.ffn.aux_loss_coef must be a finite number, got inf (command line)",)),
+    "override interpolation": Case((*TRAIN, "name=${oc.env:PATH}"), (
+        "name: interpolations (${...}) are not supported (command line)",)),
     # -- data
     "missing corpus file": Case(("--config", "{tiny}", "data.cache_dir={data}", "data.corpus=local",
                                  "data.path={tmp}/missing.txt"), ("data.path: file not found: {tmp}/missing.txt",),
@@ -149,6 +159,9 @@ CASES = {
     "resume with another model shape": Case(
         ("--config", "{tiny}", "data.cache_dir={data}", "train.out_dir={run}", "model.hidden_size=32",
          "train.max_steps=8"), ("model.hidden_size=32 differs from the checkpoint in {run} (model.hidden_size=64)",)),
+    "resume with another learning rate": Case(
+        ("--config", "{tiny}", "data.cache_dir={data}", "train.out_dir={run}", "train.lr=0.001", "train.max_steps=8"),
+        ("resuming {run} would change the run: train.lr=0.001 (checkpoint: 0.003);",)),
     "every checkpoint damaged": Case(
         ("--config", "{tiny}", "data.cache_dir={data}", "train.out_dir={tmp}/run-copy", "train.max_steps=8"),
         ("no usable checkpoint in {tmp}/run-copy/checkpoints", "state.pt has 16 bytes"),

@@ -228,3 +228,80 @@ def test_weight_decay_only_on_matrices():
                                                    id(model.norm.bias), id(model.proj.bias)}
     decay, _ = build_optimizer(model, TrainConfig(decay_embeddings=True)).param_groups
     assert id(model.embed.weight) in {id(p) for p in decay["params"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume never silently changes a run (train/rundir.py: check_same_training, run by open_run_dir)
+
+def _run_with_checkpoint(tmp_path, *overrides):
+    """A run directory holding one checkpoint (step 5) written with the config `overrides` give; -> its digest."""
+    from train.config import load_config
+
+    cfg = load_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.max_steps=20", *overrides])
+    (tmp_path / "run").mkdir()
+    ck.save_checkpoint(tmp_path / "run", 5, Tied(), {"step": 5}, cfg.to_dict(), keep_last=2)
+    return _digest(tmp_path / "run")
+
+
+def _digest(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _resume(tmp_path, *overrides):
+    from train.config import load_config
+    from train.rundir import open_run_dir
+
+    lock, found = open_run_dir(load_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.max_steps=20",
+                                                  *overrides]))
+    lock.release()
+    return found
+
+
+def test_resume_with_another_lr_is_refused_naming_the_key_and_both_values(tmp_path):
+    from train.errors import ConfigError
+
+    before = _run_with_checkpoint(tmp_path, "train.lr=0.003")
+    with pytest.raises(ConfigError) as info:
+        _resume(tmp_path, "train.lr=0.001")
+    msg = str(info.value)
+    assert "\n" not in msg and f"resuming {tmp_path / 'run'} would change the run" in msg
+    assert "train.lr=0.001 (checkpoint: 0.003)" in msg and "train.min_lr" not in msg
+    assert _digest(tmp_path / "run") == before  # nothing written
+    RunLock(tmp_path / "run").acquire().release()  # and the lock was given back
+
+
+def test_resume_names_every_changed_key(tmp_path):
+    from train.errors import ConfigError
+
+    _run_with_checkpoint(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        _resume(tmp_path, "train.seed=3", "train.micro_batch_size=4", "train.dtype=bf16", "train.eval_tokens=64",
+                "train.max_steps=10", "train.log_interval=1")
+    msg = str(info.value)
+    for part in ("train.seed=3 (checkpoint: 0)", "train.micro_batch_size=4 (checkpoint: 16)",
+                 "train.dtype='bf16' (checkpoint: 'auto')", "train.eval_tokens=64 (checkpoint: 131072)",
+                 "train.max_steps=10 (checkpoint: 20)", "the budget may only grow"):
+        assert part in msg, (part, msg)
+    assert "log_interval" not in msg  # allowed to change
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.max_steps=50"],  # a longer run
+    ["train.max_tokens=2000000"],  # the same budget in tokens, larger: 977 steps of 2048 tokens
+    ["train.stop_at_step=8", "train.num_threads=1", "train.log_interval=1", "train.eval_interval=5",
+     "train.ckpt_interval=1", "train.keep_last=5", "train.compile=true", "train.device=cpu", "train.resume=true",
+     "train.nan_policy=skip", "train.peak_flops=1e12", "train.sample_prompts=[Hi]", "train.sample_top_k=null"],
+], ids=["larger-max_steps", "larger-max_tokens", "mechanics"])
+def test_resume_may_extend_the_budget_and_change_mechanics(tmp_path, overrides):
+    _run_with_checkpoint(tmp_path)
+    found = _resume(tmp_path, *overrides)
+    assert found == tmp_path / "run" / "checkpoints" / "step_000005"
+
+
+def test_the_allowed_keys_are_train_keys():
+    from train.rundir import BUDGET_KEYS, RESUMABLE_TRAIN_KEYS
+
+    assert (RESUMABLE_TRAIN_KEYS | set(BUDGET_KEYS)) < set(TrainConfig.model_fields)
+    assert not {"seed", "lr", "min_lr", "micro_batch_size", "grad_accum", "dtype", "eval_tokens"} & \
+        RESUMABLE_TRAIN_KEYS

@@ -1,7 +1,6 @@
 """FFN comparison sweeps: the sweep file rules (fairness keys, parameter match), the report's statistics, plots from
 synthetic curves, and a tiny real sweep end to end (report numbers = the runs' own metrics.jsonl, resume, dry-run)."""
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -13,9 +12,12 @@ import pytest
 import yaml
 
 import train.compare as compare
-from train.compare import load_sweep, plan_sweep, run_sweep
+from train.compare import run_sweep
+from train.plan import VariantInfo, plan_sweep
+from train.sweep import SweepConfig, flatten, load_sweep
 from train.errors import ConfigError
-from train.report import RunResult, delta_vs, render_markdown, summarize, within_noise
+from train.report import RunResult, summarize
+from train.report_render import render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,7 +66,7 @@ def test_short_and_explicit_variant_forms_and_extends(tmp_sweep_dir):
     assert base == tmp_sweep_dir / "tiny-base.yaml"
     assert sweep.variants["gelu"].overrides == GELU and sweep.variant_matched("gelu")
     assert sweep.variants["noffn"].overrides == {"model.ffn.type": "none"} and not sweep.variant_matched("noffn")
-    assert compare.flatten(sweep.variants["wide"].overrides) == {"model.ffn.type": "dense", "model.ffn.d_ff": 512}
+    assert flatten(sweep.variants["wide"].overrides) == {"model.ffn.type": "dense", "model.ffn.d_ff": 512}
     (tmp_sweep_dir / "sub").mkdir()
     child = write_yaml(tmp_sweep_dir / "sub" / "more.yaml", {"extends": "../sweep.yaml", "name": "more", "seeds": [1, 2]})
     sweep2, base2 = load_sweep(child)
@@ -99,22 +101,12 @@ def test_sweep_file_errors_are_one_line(tmp_sweep_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Statistics (expected values worked out by hand)
+# Plot helpers
 
-def test_delta_paired_unpaired_and_noise():
-    # paired: per-seed differences 0.1, 0.3 -> mean 0.2, stdev sqrt(0.02) = 0.141421, SE = 0.1
-    d, se = delta_vs({0: 1.1, 1: 2.3}, {0: 1.0, 1: 2.0})
-    assert d == pytest.approx(0.2) and se == pytest.approx(0.1)
-    assert within_noise(d, se) is False and within_noise(0.19, 0.1) is True  # |Δ| < 2·SE is strict
-    # unpaired (no common seeds): var(a) = 0.02, var(b) = 0.08 -> SE = sqrt(0.01 + 0.04)
-    d, se = delta_vs({0: 1.0, 1: 1.2}, {2: 1.0, 3: 1.4})
-    assert d == pytest.approx(-0.1) and se == pytest.approx(math.sqrt(0.05))
+def test_train_loss_smoothing_is_a_centered_mean():
     # the train-loss smoothing is a centered mean whose window shrinks at the ends (no EMA lag)
     from train.plots import _smooth
     assert _smooth(np.array([1.0, 2.0, 3.0, 4.0, 9.0]), 3).tolist() == pytest.approx([1.5, 2.0, 3.0, 16 / 3, 6.5])
-    # one seed each: noise unknown
-    d, se = delta_vs({0: 1.5}, {0: 1.25})
-    assert d == pytest.approx(0.25) and se is None and within_noise(d, se) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,7 +125,7 @@ def fake_run(variant, seed, final_loss, moe=False, n=4):
 
 def fake_plan(tmp_path):
     from model.config import FFNConfig
-    sweep = compare.SweepConfig(name="fake", base="x.yaml", baseline="gelu", seeds=[0, 1],
+    sweep = SweepConfig(name="fake", base="x.yaml", baseline="gelu", seeds=[0, 1],
                                 variants={"gelu": {"overrides": GELU, "family": "dense"},
                                           "gelu-wide": {"overrides": GELU, "family": "dense", "match": False},
                                           "moe": {"overrides": {"model.ffn.type": "moe"}}})
@@ -142,13 +134,15 @@ def fake_plan(tmp_path):
         counts = {"total": total, "active": active, "ffn": ffn, "ffn_active": ffn, "non_embedding": total - 100}
         matched = sweep.variant_matched(name)
         on = ("active" if ffn_type == "moe" else "total") if matched else "-"
-        return compare.VariantInfo(name, cfg, counts, 6 * active, matched, on, False)
+        return VariantInfo(name, cfg, counts, 6 * active, matched, on, False)
     variants = {"gelu": info("gelu", "dense", 1000, 1000, 600), "gelu-wide": info("gelu-wide", "dense", 1600, 1600, 1200),
                 "moe": info("moe", "moe", 3000, 1010, 2600)}
     variants["moe"].rel_diff = 0.01
-    runs = [SimpleNamespace(variant=v, seed=s, name=f"{v}-s{s}") for v in variants for s in (0, 1)]
-    return SimpleNamespace(sweep=sweep, variants=variants, runs=runs, sweep_path=tmp_path / "fake.yaml",
-                           base_path=tmp_path / "x.yaml", out_dir=tmp_path / "out")
+    runs = [SimpleNamespace(variant=v, seed=s, name=f"{v}-s{s}", reported=True, size=None) for v in variants
+            for s in (0, 1)]
+    return SimpleNamespace(sweep=sweep, variants=variants, runs=runs, all_runs=runs, ladder={None: variants},
+                           sweep_path=tmp_path / "fake.yaml", base_path=tmp_path / "x.yaml", out_dir=tmp_path / "out",
+                           selections={}, pending=0, seeds=[0, 1])
 
 
 def test_summary_markdown_and_plots_from_synthetic_runs(tmp_path):
@@ -161,14 +155,16 @@ def test_summary_markdown_and_plots_from_synthetic_runs(tmp_path):
     assert rows["gelu"]["val_loss_mean"] == pytest.approx(3.1) and rows["gelu"]["val_loss_std"] == pytest.approx(statistics.stdev([3.0, 3.2]))
     assert [r["name"] for r in doc["variants"]] == ["gelu-wide", "moe", "gelu"]  # sorted by rank
     assert (rows["gelu-wide"]["rank"], rows["moe"]["rank"], rows["gelu"]["rank"]) == (1, 2, 3)
-    # gelu-wide - gelu per seed: -0.2, -0.3 -> mean -0.25, SE = stdev([-0.2, -0.3]) / sqrt(2) = 0.05 -> beyond noise
+    # gelu-wide - gelu per seed: -0.2, -0.3 -> mean -0.25 over the 2 common seeds: no verdict from 2 seeds
     assert rows["gelu-wide"]["delta_vs_baseline"] == pytest.approx(-0.25)
-    assert rows["gelu-wide"]["delta_se"] == pytest.approx(0.05) and rows["gelu-wide"]["within_noise"] is False
-    assert rows["moe"]["within_noise"] is None and rows["moe"]["seeds"] == [0]  # one seed: noise unknown
+    assert rows["gelu-wide"]["verdict"] == "needs ≥ 3 seeds" and rows["moe"]["verdict"] == "needs ≥ 3 seeds"
+    assert rows["moe"]["seeds"] == [0] and rows["moe"]["p_value"] is None  # one common seed: no test at all
+    verdicts = {v["variant"]: v for v in doc["verdicts"]}
+    assert sorted(verdicts) == ["gelu-wide", "moe"] and verdicts["gelu-wide"]["delta"] == pytest.approx(-0.25)
     assert doc["missing_runs"] == ["moe-s1"]
     assert (rows["moe"]["matched_on"], rows["gelu-wide"]["matched_on"]) == ("active", "-")
     md = render_markdown(doc)
-    assert "-0.2500 (beyond noise" in md and "(noise unknown)" in md and "not matched" in md
+    assert "-0.2500" in md and "needs ≥ 3 seeds" in md and "not matched" in md and "beyond noise" not in md
     assert "Incomplete" in md and "moe-s1" in md and "ROMEO: hello" in md and "3.1000 ± 0.1414" in md
     paths = make_plots(doc, results, plan.out_dir)
     names = sorted(p.name for p in paths)
@@ -215,7 +211,8 @@ def test_moe_is_matched_on_active_params_and_dry_run_trains_nothing(tmp_sweep_di
     assert (base.matched_on, m.matched_on) == ("total", "active")
     assert m.counts["total"] > 1.3 * base.counts["total"] and abs(m.rel_diff) <= 0.02
     out = dry_run(monkeypatch, capsys, "--config", str(path), "--variants", "swiglu,moe", "--seeds", "1")
-    assert "2 runs: swiglu-s1, moe-s1" in out and "gelu" in out and "reference only" in out
+    assert "runs planned now: swiglu-s1, moe-s1" in out and "gelu" in out and "reference only" in out
+    assert "2 runs = 2 variants × 1 sizes × 1 seeds" in out
     assert "estimated time" in out and f"{m.counts['active']:,}" in out
     assert not (tmp_sweep_dir / "runs").exists()
 

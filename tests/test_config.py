@@ -122,3 +122,84 @@ def test_summary_json_and_one_override_flip_keeps_params_matched():
     assert dense["ffn_type"] == "dense" and dense["ffn_d_ff"] == 4 * dense["hidden_size"]
     assert abs(dense["total_params"] / glu["total_params"] - 1) < 0.01
     assert abs(dense["flops_per_token"] / glu["flops_per_token"] - 1) < 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config values are data: no interpolation is ever resolved
+
+SECRET = "s3cr3t-value-that-must-not-leak"
+
+
+@pytest.mark.parametrize("body, key", [
+    ("name: ${oc.env:SECRET}\n", "name"),
+    ("model:\n  hidden_size: 64\ntrain:\n  seed: ${model.hidden_size}\n", "train.seed"),
+    ("train:\n  sample_prompts: [ok, 'x ${oc.env:SECRET,default}']\n", "train.sample_prompts[1]"),
+])
+def test_interpolations_in_files_are_refused_not_resolved(tmp_path, monkeypatch, body, key):
+    monkeypatch.setenv("SECRET", SECRET)
+    (tmp_path / "parent.yaml").write_text(body)
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "child.yaml")
+    check_one_line(info.value, key + ":", "interpolations", "not supported", str(tmp_path / "parent.yaml"))
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("override, key", [("name=${oc.env:SECRET}", "name"),
+                                           ("wandb.tags=[a, '${oc.env:SECRET}']", "wandb.tags[1]"),
+                                           ("train.out_dir=runs/${name}", "train.out_dir")])
+def test_interpolations_in_overrides_are_refused_not_resolved(monkeypatch, override, key):
+    monkeypatch.setenv("SECRET", SECRET)
+    with pytest.raises(ConfigError) as info:
+        load_config(BASE, [override])
+    check_one_line(info.value, key + ":", "interpolations", "not supported", "command line")
+    assert SECRET not in str(info.value)
+
+
+def test_validate_config_refuses_interpolations_from_elsewhere(monkeypatch):
+    from train.config import validate_config
+
+    monkeypatch.setenv("SECRET", SECRET)
+    with pytest.raises(ConfigError) as info:
+        validate_config({"wandb": {"notes": "${oc.env:SECRET}"}}, source="run/config.yaml")
+    check_one_line(info.value, "wandb.notes:", "interpolations", "run/config.yaml")
+    assert SECRET not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every number is finite
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.grad_clip=inf", "model.rope_theta=.inf",
+                                      "model.ffn.aux_loss_coef=nan", "train.lr=.NaN", "wandb.init_timeout=-.inf",
+                                      "data.val_fraction=nan", "model.dropout=nan", "train.peak_flops=Infinity",
+                                      "model.ffn.capacity_factor=.inf", "train.seed=.inf", "train.max_steps=.nan"])
+def test_non_finite_numbers_are_refused(override):
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError) as info:
+        load_config(BASE, [override])
+    check_one_line(info.value, key, "finite number", "command line")
+
+
+@pytest.mark.parametrize("body, key", [("train:\n  lr: .nan\n", "train.lr"),
+                                       ("model:\n  rope_theta: .inf\n", "model.rope_theta"),
+                                       ("model:\n  ffn:\n    type: moe\n    z_loss_coef: -.inf\n",
+                                        "model.ffn.z_loss_coef")])
+def test_non_finite_numbers_in_files_are_refused(tmp_path, body, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    check_one_line(info.value, f"{key} must be a finite number", str(path))
+
+
+def test_strings_that_spell_nan_stay_strings_and_python_assignment_is_checked():
+    from pydantic import ValidationError
+
+    from train.config import TrainConfig
+
+    cfg = load_config(BASE, ["name=nan", "wandb.notes=inf"])
+    assert (cfg.name, cfg.wandb.notes) == ("nan", "inf")
+    with pytest.raises(ValidationError, match="finite number"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValidationError, match="finite number"):
+        cfg.train.grad_clip = float("inf")

@@ -1,11 +1,15 @@
 """TrainBatches: blocks from the memory-mapped shard, a pure function of (seed, step, micro_step, rank)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from train.config import load_config
 from train.data import TrainBatches
 from train.errors import DataError
 
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 N_TOKENS = 60_000  # token i has id i: every block shows where it starts
 
 
@@ -38,15 +42,38 @@ def test_same_seed_same_batches_other_seed_other_batches(shard):
     assert not (a.get(0)[0] == a.get(1)[0]).all()  # and each step draws new blocks
 
 
-def test_batches_depend_only_on_data_and_seed_not_the_model(shard):
-    # The trainer builds the loader from the train section and the sequence length only; two FFN variants agree.
-    streams = []
-    for ffn in (["model.ffn.type=glu"], ["model.ffn.type=moe", "model.ffn.n_experts=4", "model.ffn.top_k=2"]):
-        cfg = load_config("configs/base.yaml", ffn)
-        loader = TrainBatches(shard, np.uint16, cfg.model.max_seq_len, cfg.train.micro_batch_size,
-                              cfg.train.grad_accum, cfg.train.seed)
-        streams.append([loader.get(step)[0] for step in range(3)])
-    assert all((a == b).all() for a, b in zip(*streams))
+def test_every_variant_trains_on_the_same_batches(tiny_data_cache, tmp_path, monkeypatch):
+    """The batches two different models' trainers actually consume (recorded at TrainBatches.get) are the same, step by
+    step and micro-step by micro-step; another seed gives other batches, so the comparison can fail."""
+    from train.trainer import train
+
+    consumed = []
+    real_get = TrainBatches.get
+
+    def recording_get(self, step, micro_step=0):
+        x, y = real_get(self, step, micro_step)
+        consumed[-1].append((step, micro_step, x.clone(), y.clone()))
+        return x, y
+
+    monkeypatch.setattr(TrainBatches, "get", recording_get)
+    runs = {"dense": ["model.ffn.type=dense", "model.ffn.activation=gelu"],
+            "moe": ["model.ffn.type=moe", "model.ffn.n_experts=4", "model.ffn.top_k=2"],
+            "dense-seed1": ["model.ffn.type=dense", "model.ffn.activation=gelu", "train.seed=1"]}
+    streams = {}
+    for name, ffn in runs.items():
+        consumed.append([])
+        train(load_config(TINY, [
+            f"data.cache_dir={tiny_data_cache}", f"train.out_dir={tmp_path / name}", "train.max_steps=2",
+            "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_tokens=64", "train.eval_interval=2",
+            "train.ckpt_interval=2", "train.sample_max_new_tokens=1", "train.sample_prompts=[A]", *ffn]))
+        streams[name] = consumed[-1]
+
+    dense, moe, other = streams["dense"], streams["moe"], streams["dense-seed1"]
+    assert [(s, m) for s, m, _, _ in dense] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # 2 steps x 2 micro-steps
+    assert [(s, m) for s, m, _, _ in moe] == [(s, m) for s, m, _, _ in dense]
+    for (_, _, x_a, y_a), (_, _, x_b, y_b) in zip(dense, moe):
+        assert x_a.shape == (2, 64) and torch.equal(x_a, x_b) and torch.equal(y_a, y_b)
+    assert len(other) == len(dense) and not any(torch.equal(a[2], b[2]) for a, b in zip(dense, other))
 
 
 def test_resume_needs_only_the_step(shard):

@@ -179,9 +179,11 @@ def test_val_batches_are_consecutive_blocks_from_the_start(prepared):
     tokenizer = load_tokenizer(prepared.tokenizer_path)  # Macbeth's opening is ASCII: decoding counts bytes exactly
     assert batches.exact_bytes and batches.n_bytes == len(tokenizer.decode(val[1: 10 * T + 1].tolist()).encode())
 
-    whole = val_batches(prepared, seq_len=T, batch_size=64)
+    whole = val_batches(prepared, seq_len=T, batch_size=64, part="all")
     assert whole.n_tokens == (len(val) - 1) // T * T
-    again = val_batches(prepared, seq_len=T, batch_size=64)
+    report = val_batches(prepared, seq_len=T, batch_size=64)  # default: the reporting half
+    assert report.n_tokens == (len(val) - 1) // T // 2 * T
+    again = val_batches(prepared, seq_len=T, batch_size=64, part="all")
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(whole, again))
 
 

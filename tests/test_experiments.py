@@ -12,7 +12,7 @@ import torch
 
 from model.config import FFNConfig, MiniMindConfig, resolve_d_ff
 from model.model_minimind import MiniMindForCausalLM
-from train.compare import plan_sweep
+from train.plan import plan_sweep
 from train.config import load_config
 from train.trainer import train
 
@@ -117,11 +117,57 @@ def test_expansion_and_moe_sweeps_follow_their_sizing_rules():
     assert {i.cfg.model.ffn.balancing for i in moes.values()} == {"aux_loss", "aux_free"}
     for name, info in moes.items():
         assert resolve_d_ff(info.cfg.model.ffn, d) % 4 == 0, name  # 16-byte rows for the grouped matmul
-        assert info.matched_on == "active" and abs(info.rel_diff) <= 0.02, name
+        assert info.matched_on == "active", name
+
+
+def built_counts(model_cfg: MiniMindConfig) -> tuple[int, int]:
+    """(total, active) parameters of the model actually built, counted with p.numel(); active leaves out the
+    n_experts - top_k routed experts a token does not reach (each: matrices × d × d_ff weights, no biases)."""
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(model_cfg)
+    total = sum(p.numel() for p in model.parameters())  # a tied LM head is one parameter, counted once
+    ffn, d = model_cfg.ffn, model_cfg.hidden_size
+    idle = 0
+    if ffn.type == "moe":
+        per_expert = (3 if ffn.expert_type == "glu" else 2) * d * resolve_d_ff(ffn, d)
+        idle = model_cfg.num_hidden_layers * (ffn.n_experts - ffn.top_k) * per_expert
+    return total, total - idle
+
+
+def test_moe_sweep_is_matched_on_active_params_of_the_built_models(tmp_path):
+    """The plan's counts and match against the models as built; a tolerance tighter than the rounding refuses."""
+    from train.errors import ConfigError
+
+    path = ROOT / "configs" / "compare" / "moe-granularity.yaml"
+    plan = plan_sweep(path, ["model.vocab_size=2048"])
+    base_total, base_active = built_counts(plan.variants["swiglu"].cfg.model)
+    assert base_total == base_active
+    off = {}
+    for name, info in plan.variants.items():
+        total, active = built_counts(info.cfg.model)
+        assert (info.counts["total"], info.counts["active"]) == (total, active), name
+        off[name] = active / base_active - 1
+        assert info.rel_diff == pytest.approx(off[name], abs=1e-12), name
+        # rounding an expert width (~170 at d=128) to a multiple of 4 moves it by <= 2, i.e. <= 1.2% of the FFN's
+        # active params and < 1% of the model's: well inside the sweep's 2% tolerance
+        assert abs(off[name]) < 0.01, (name, off[name])
+        if info.cfg.model.ffn.type == "moe":
+            assert total > active, name
+    assert off["swiglu"] == 0 and any(abs(r) > 1e-4 for r in off.values())
+
+    tight = tmp_path / "tight.yaml"
+    text = path.read_text().replace("base: ../base.yaml", f"base: {ROOT / 'configs' / 'base.yaml'}")
+    assert "param_tolerance: 0.02\n" in text
+    tight.write_text(text.replace("param_tolerance: 0.02\n", "param_tolerance: 0.0001\n"))
+    with pytest.raises(ConfigError, match="parameter mismatch") as info:
+        plan_sweep(tight, ["model.vocab_size=2048"])
+    for name, rel in off.items():  # exactly the variants further off than 0.01% are named
+        assert (f"'{name}' has" in str(info.value)) == (abs(rel) > 1e-4), (name, rel, str(info.value))
 
 
 def test_report_names_the_unmatched_variants_and_how_far_off_they_are(tmp_path):
-    from train.report import render_markdown, summarize
+    from train.report import summarize
+    from train.report_render import render_markdown
     plan = plan_sweep(ROOT / "configs" / "compare" / "ablation.yaml", out_dir=str(tmp_path / "sweep"))
     md = render_markdown(summarize(plan, results=[]))  # nothing trained: every run is listed as missing
     notes = {line.split("`")[1]: line for line in md.splitlines() if line.startswith("- `")}

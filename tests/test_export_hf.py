@@ -107,6 +107,13 @@ def test_refuses_inexact_variants(ffn, why):
         hf_architecture(tiny_model(**ffn))
 
 
+def test_refuses_an_unknown_type_instead_of_guessing():
+    model = tiny_model(**MOE)
+    model.config.ffn.type = "nope"  # e.g. a run written by a newer version with a block this one does not know
+    with pytest.raises(ExportError, match="model.ffn.type: invalid choice 'nope'; valid: 'none', 'dense'"):
+        hf_architecture(model)
+
+
 def test_refuses_nonzero_selection_bias():
     model = tiny_model(**{**MOE, "balancing": "aux_free"})
     assert hf_architecture(model) == "mixtral"  # an untouched (zero) bias routes exactly like Mixtral

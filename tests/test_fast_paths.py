@@ -1,6 +1,7 @@
 """The optimised code paths against plain reference implementations, in fp32: outputs AND gradients.
 
-- MoE: grouped-matmul dispatch and the split-per-expert loop vs a naive per-token loop written out here with autograd.
+- MoE: grouped-matmul dispatch and the split-per-expert loop vs a naive per-token loop with autograd
+  (tests/moe_reference.py).
 - AdamW: the fused implementation that build_optimizer picks vs torch's plain for-loop AdamW.
 - torch.compile (train.compile): the compiled model vs the same weights in eager mode, dense and MoE.
 """
@@ -12,30 +13,8 @@ import torch
 
 from model.config import FFNConfig, MiniMindConfig
 from model.model_minimind import MiniMindForCausalLM
-from model.moe import MoEFFN
+from moe_reference import make_moe, naive_moe, use_path
 from train.optim import build_optimizer
-
-
-def naive_moe(moe: MoEFFN, x_ND: torch.Tensor) -> torch.Tensor:
-    """Token by token, expert by expert, with plain matmuls on the stacked weights (differentiable)."""
-    _, _, expert_NK, weight_NK = moe.router(x_ND)
-    ex = moe.experts
-    rows = []
-    for n in range(x_ND.shape[0]):
-        out_D = torch.zeros_like(x_ND[n])
-        for k in range(moe.top_k):
-            e = int(expert_NK[n, k])
-            h = x_ND[n] @ ex.w_up[e].t()
-            if ex.kind == "glu":
-                gate, up = h.chunk(2)
-                h = ex.act(gate) * up
-            else:
-                h = ex.act(h)
-            out_D = out_D + weight_NK[n, k] * (h @ ex.w_down[e].t())
-        if moe.shared_experts is not None:
-            out_D = out_D + moe.shared_experts(x_ND[n])
-        rows.append(out_D)
-    return torch.stack(rows)
 
 
 def _grads(module, x, out_fn, probe):
@@ -54,17 +33,15 @@ MOE_CASES = {
 
 
 @pytest.mark.parametrize("case", MOE_CASES)
-def test_moe_dispatch_paths_match_naive_reference_with_gradients(case):
-    torch.manual_seed(0)
-    moe = MoEFFN(dim=32, d_ff=16, **MOE_CASES[case]).train()
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+def test_moe_dispatch_paths_match_naive_reference_with_gradients(case, monkeypatch):
+    moe = make_moe(32, std=0.3, d_ff=16, **MOE_CASES[case]).train()
     x_BTD = torch.randn(2, 12, 32)
     probe = torch.randn(2, 12, 32)
     ref_out, ref_dx, ref_dp = _grads(moe, x_BTD.view(-1, 32), lambda x: naive_moe(moe, x), probe.view(-1, 32))
     assert set(ref_dp) == {n for n, _ in moe.named_parameters()}  # the router and every expert weight get gradients
     for mode in ("grouped", "loop"):
-        moe.experts.mode = mode
+        use_path(monkeypatch, mode)
+        assert moe.experts.grouped_mm_ok(x_BTD) == (mode == "grouped")
         out, dx, dp = _grads(moe, x_BTD, moe, probe)
         torch.testing.assert_close(out.view(-1, 32), ref_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(dx.view(-1, 32), ref_dx, atol=1e-5, rtol=1e-5)
@@ -74,8 +51,7 @@ def test_moe_dispatch_paths_match_naive_reference_with_gradients(case):
 
 def test_moe_forward_has_no_dense_all_experts_compute():
     """Each routed expert GEMM sees only its own tokens: N·K rows in total, not N·E."""
-    torch.manual_seed(0)
-    moe = MoEFFN(dim=32, n_experts=8, top_k=2, d_ff=16)
+    moe = make_moe(32, n_experts=8, top_k=2, d_ff=16)
     rows_seen = []
     grouped_mm, loop = moe.experts._forward_grouped, moe.experts._forward_loop
     moe.experts._forward_grouped = lambda x, c: (rows_seen.append(x.shape[0]), grouped_mm(x, c))[1]

@@ -1,16 +1,32 @@
-"""Chunked LM-head + cross-entropy (model/loss.py) against the plain F.cross_entropy path: loss and gradients."""
+"""Chunked LM-head + cross-entropy (model/loss.py) against a plain `F.cross_entropy(h @ W.T)` written here: loss and
+gradients. The chunked function is called directly wherever `linear_cross_entropy` would take its one-chunk shortcut
+(which *is* the plain path), so every comparison below really compares two implementations."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model.loss as loss_mod
 import model.model_minimind as mm
 from model.config import FFNConfig, MiniMindConfig
-from model.loss import linear_cross_entropy, reference_cross_entropy
+from model.loss import linear_cross_entropy
 from model.model_minimind import MiniMindForCausalLM
 
 N, D, V = 50, 16, 37
+
+
+def plain(h, w, y):
+    """The reference, independent of model/loss.py: full logits, then F.cross_entropy (fp32 softmax)."""
+    return F.cross_entropy((h @ w.T).float(), y, ignore_index=-100)
+
+
+def chunked(rows, dtype=torch.float32):
+    """The chunked implementation itself, with `rows` rows per chunk (no one-chunk shortcut)."""
+    def fn(h, w, y):
+        with torch.autocast("cpu", enabled=False):
+            return loss_mod._ChunkedLinearCrossEntropy.apply(h, w, y, rows, dtype)
+    return fn
 
 
 def inputs(ignored=(3, 4, 40)):
@@ -30,45 +46,78 @@ def loss_and_grads(fn, h, w, y, autocast=False):
     return loss.detach(), h.grad.clone(), w.grad.clone()
 
 
+@pytest.fixture
+def no_shortcut(monkeypatch):
+    """Make linear_cross_entropy fail loudly if it takes the plain one-chunk path."""
+    def refuse(*args):
+        raise AssertionError("linear_cross_entropy fell back to the plain path")
+    monkeypatch.setattr(loss_mod, "reference_cross_entropy", refuse)
+
+
 @pytest.mark.parametrize("rows", [1, 7, N, 2 * N], ids=["row-by-row", "ragged-chunks", "one-chunk", "larger"])
-def test_fp32_matches_reference(monkeypatch, rows):
-    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", rows * V)
+def test_fp32_chunked_matches_plain(rows):
     h, w, y = inputs()
-    got, want = (loss_and_grads(f, h, w, y) for f in (linear_cross_entropy, reference_cross_entropy))
+    got, want = (loss_and_grads(f, h, w, y) for f in (chunked(rows), plain))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert got[1][[3, 4, 40]].abs().max() == 0  # ignored rows get no gradient
+    assert got[2].abs().max() > 0 and got[0] > 0
 
 
-def test_bf16_autocast_matches_reference(monkeypatch):
+def test_the_comparison_can_fail():
+    """A deliberately wrong chunked result (one target shifted) must not pass the tolerances used above."""
+    h, w, y = inputs()
+    wrong = y.clone()
+    wrong[0] = (wrong[0] + 1) % V
+    got, want = loss_and_grads(chunked(7), h, w, wrong), loss_and_grads(plain, h, w, y)
+    assert not torch.allclose(got[1], want[1], atol=1e-6, rtol=1e-5)
+
+
+def test_public_function_dispatch(monkeypatch, no_shortcut):
+    """More rows than one chunk holds: the chunked path (the plain one would raise); fewer: the plain path."""
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 7 * V)
+    h, w, y = inputs()
+    got, want = loss_and_grads(linear_cross_entropy, h, w, y), loss_and_grads(plain, h, w, y)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", N * V)
+    with pytest.raises(AssertionError, match="fell back"):
+        linear_cross_entropy(h, w, y)
+
+
+def test_bf16_autocast_matches_plain(monkeypatch, no_shortcut):
     monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 8 * V)
     h, w, y = inputs()
-    got, want = (loss_and_grads(f, h, w, y, autocast=True) for f in (linear_cross_entropy, reference_cross_entropy))
+    got, want = (loss_and_grads(f, h, w, y, autocast=True) for f in (linear_cross_entropy, plain))
     assert got[0].dtype == torch.float32 and got[1].dtype == h.dtype and got[2].dtype == w.dtype
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)  # the loss: same bf16 logits, fp32 softmax
     for a, b in zip(got[1:], want[1:]):  # gradients: bf16 matmuls, the weight's summed over chunks
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
 
 
-def test_no_grad_path_gives_the_same_loss(monkeypatch):
-    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 9 * V)
+@pytest.mark.parametrize("rows", [9, 2 * N], ids=["chunks", "one-chunk"])
+def test_no_grad_path_gives_the_plain_loss(rows):
     h, w, y = inputs()
     with torch.no_grad():
-        no_grad = linear_cross_entropy(h, w, y)
-    assert no_grad.item() == pytest.approx(linear_cross_entropy(h, w, y).item(), rel=1e-6)
-    assert no_grad.item() == pytest.approx(reference_cross_entropy(h, w, y).item(), rel=1e-5)
+        no_grad = loss_mod._chunked(h, w, y, rows, torch.float32, with_grad=False)[0]
+        want = plain(h, w, y)
+    assert no_grad.item() == pytest.approx(want.item(), rel=1e-6)
+    assert no_grad.item() == pytest.approx(chunked(rows)(h, w, y).item(), rel=1e-6)
 
 
-def test_all_rows_ignored_gives_nan_like_the_reference():
+@pytest.mark.parametrize("rows", [7, 2 * N], ids=["chunks", "one-chunk"])
+def test_all_rows_ignored_gives_nan_like_the_plain_loss(rows):
     h, w, y = inputs(ignored=range(N))
-    assert math.isnan(linear_cross_entropy(h, w, y).item())
-    assert math.isnan(reference_cross_entropy(h, w, y).item())
+    assert math.isnan(plain(h, w, y).item())
+    assert math.isnan(chunked(rows)(h, w, y).item())
+    with torch.no_grad():
+        assert math.isnan(loss_mod._chunked(h, w, y, rows, torch.float32, with_grad=False)[0].item())
 
 
 @pytest.mark.parametrize("ffn", [dict(type="glu"), dict(type="moe", n_experts=4, top_k=2)], ids=["swiglu", "moe"])
-def test_model_gradients_match_the_plain_loss(monkeypatch, ffn):
+def test_model_gradients_match_the_plain_loss(monkeypatch, no_shortcut, ffn):
     """Whole model with tied embeddings: every parameter's gradient through the chunked loss equals the plain one."""
-    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 5 * 64)
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 5 * 64)  # 5 rows per chunk, 48 rows
     cfg = MiniMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, max_seq_len=16, ffn=FFNConfig(**ffn))
     torch.manual_seed(0)
@@ -76,7 +125,7 @@ def test_model_gradients_match_the_plain_loss(monkeypatch, ffn):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     x = torch.randint(0, 64, (3, 16))
     grads = []
-    for fn in (linear_cross_entropy, reference_cross_entropy):
+    for fn in (linear_cross_entropy, plain):
         monkeypatch.setattr(mm, "linear_cross_entropy", fn)
         model.zero_grad()
         out = model(x, torch.roll(x, -1, 1))

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.config import FFNConfig, MiniMindConfig
 from model.model_minimind import MiniMindForCausalLM
@@ -223,8 +222,32 @@ def test_moe_model_observability():
     assert set(out.aux_losses) == {"aux_loss", "z_loss"} and all(isinstance(v, float) for v in out.aux_losses.values())
     load = model.expert_load()
     assert len(load) == L and all(len(l) == 4 and sum(l) == pytest.approx(1.0) for l in load)
-    model.update_router_bias()
+    for module in model.modules():  # what the trainer does after every optimizer step
+        if hasattr(module, "after_optimizer_step"):
+            module.after_optimizer_step()
     assert all(m.router.selection_bias.abs().sum() > 0 for m in model.moe_layers())
+    assert any(getattr(m, "may_skip_params", False) for m in model.modules())  # DDP: find_unused_parameters
     model.reset_expert_load()
     assert model.expert_load() == [[0.0] * 4] * L
     assert "router.selection_bias" in " ".join(model.state_dict())  # saved with checkpoints
+
+
+def test_dense_models_have_no_moe_bookkeeping():
+    model = tiny_model(type="glu")
+    assert model.moe_layers() == [] and model.expert_load() == []
+    assert not any(hasattr(m, "after_optimizer_step") or getattr(m, "may_skip_params", False)
+                   for m in model.modules())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_built_width_is_the_class_width_rule(name):
+    from model.registry import ffn_class
+
+    cfg = tiny_config(**VARIANTS[name])
+    ffn = MiniMindForCausalLM(cfg).model.layers[0].ffn
+    width = ffn_class(cfg.ffn.type).width(cfg.ffn, D)
+    if name == "none":
+        assert ffn is None and width == 0
+    else:
+        built = ffn.experts.d_ff if hasattr(ffn, "experts") else ffn.down_proj.weight.shape[1]
+        assert built == width > 0

@@ -5,22 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.moe as moe_module
 from model.config import FFNConfig, MiniMindConfig
 from model.model_minimind import MiniMindForCausalLM
 from model.moe import MoEFFN, _pad_groups
+from moe_reference import reference_forward, use_path
+from moe_reference import make_moe as _make_moe
 
 D = 64
 
 
 def make_moe(**kw) -> MoEFFN:
-    args = dict(dim=D, n_experts=8, top_k=2, d_ff=32)
-    args.update(kw)
-    torch.manual_seed(0)
-    moe = MoEFFN(**args)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.2)
-    return moe
+    return _make_moe(D, std=0.2, **{"n_experts": 8, "top_k": 2, "d_ff": 32, **kw})
 
 
 CONFIGS = {
@@ -40,7 +36,7 @@ def test_matches_naive_per_token_reference(name):
     x = torch.randn(3, 11, D)
     out = moe(x)
     assert out.shape == x.shape
-    torch.testing.assert_close(out, moe.reference_forward(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference_forward(moe, x), atol=1e-5, rtol=1e-5)
 
 
 def test_each_token_reaches_exactly_top_k_experts():
@@ -57,13 +53,13 @@ def test_each_token_reaches_exactly_top_k_experts():
 
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="this torch has no grouped_mm; the loop is the only path")
 @pytest.mark.parametrize("cfg", [dict(), dict(expert_type="dense", expert_activation="relu2", n_shared_experts=1)])
-def test_grouped_and_loop_paths_agree(cfg):
+def test_grouped_and_loop_paths_agree(cfg, monkeypatch):
     moe = make_moe(**cfg)
     x = torch.randn(2, 16, D)
     assert moe.experts.grouped_mm_ok(x)
     results = {}
     for mode in ("grouped", "loop"):
-        moe.experts.mode = mode
+        use_path(monkeypatch, mode)
         moe.zero_grad()
         xg = x.clone().requires_grad_(True)
         out = moe(xg)
@@ -74,7 +70,7 @@ def test_grouped_and_loop_paths_agree(cfg):
     # and in bf16 autocast (the training path on CPU)
     outs = {}
     for mode in ("grouped", "loop"):
-        moe.experts.mode = mode
+        use_path(monkeypatch, mode)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs[mode] = moe(x).float()
     torch.testing.assert_close(outs["grouped"], outs["loop"], atol=2e-2, rtol=2e-2)
@@ -93,9 +89,40 @@ def test_pad_groups_by_hand():
 
 
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="this torch has no grouped_mm; the loop is the only path")
-def test_padded_bf16_groups_match_the_unpadded_loop_with_gradients():
-    """CPU bf16 pads every expert's rows to a multiple of 32 (oneDNN JIT, see MoEFFN.pad_rows): same output, same
-    gradients as the loop path, which does not pad."""
+@pytest.mark.parametrize("cfg", [dict(n_shared_experts=1), dict(capacity_factor=1.0),
+                                 dict(top_k=3, expert_type="dense", expert_activation="relu2")])
+def test_padding_rows_add_exactly_zero(cfg, monkeypatch):
+    """The same layer, inputs and path (fp32 grouped matmul) with expert groups padded to 32 rows and without: the
+    weight-0 padding rows must not change the output, the input gradient or any weight gradient (exact for the
+    output and the input gradient; the weight gradients only differ by the kernels' summation order over rows)."""
+    moe = make_moe(**cfg)
+    x = torch.randn(2, 16, D)
+    probe = torch.randn(2, 16, D)
+    assert moe.experts.grouped_mm_ok(x) and moe.pad_rows(x.view(-1, D)) == 1  # fp32: normally unpadded
+    seen_counts = []
+    moe.experts.register_forward_pre_hook(lambda mod, args: seen_counts.append(args[1].clone()))
+    results = {}
+    for pad in (1, 32):
+        monkeypatch.setattr(MoEFFN, "pad_rows", lambda self, x_ND: pad)
+        moe.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        out = moe(xg)
+        (out * probe).sum().backward()
+        results[pad] = (out.detach(), xg.grad, {n: p.grad.clone() for n, p in moe.named_parameters()})
+    unpadded, padded = seen_counts
+    assert (padded % 32 == 0).all() and padded.sum() > unpadded.sum()  # the padding really ran
+    (out1, dx1, dp1), (out32, dx32, dp32) = results[1], results[32]
+    assert torch.equal(out32, out1)
+    assert torch.equal(dx32, dx1)
+    for name, g in dp1.items():  # a nonzero pad weight would move these by ~1e-1
+        torch.testing.assert_close(dp32[name], g, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="this torch has no grouped_mm; the loop is the only path")
+def test_padded_bf16_groups_match_the_unpadded_loop_with_gradients(monkeypatch):
+    """CPU bf16 pads every expert's rows to a multiple of 32 (oneDNN JIT, see MoEFFN.pad_rows). Against the loop path,
+    which does not pad: the same up to bf16 rounding (two different kernels; the padding itself adds exactly zero,
+    see test_padding_rows_add_exactly_zero)."""
     moe = make_moe(d_ff=32, n_shared_experts=1)
     x = torch.randn(2, 16, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -104,7 +131,7 @@ def test_padded_bf16_groups_match_the_unpadded_loop_with_gradients():
     moe.experts.register_forward_pre_hook(lambda mod, args: seen_counts.append(args[1].clone()))
     results = {}
     for mode in ("grouped", "loop"):
-        moe.experts.mode = mode
+        use_path(monkeypatch, mode)
         moe.zero_grad()
         xg = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -184,12 +211,12 @@ def test_aux_free_bias_moves_against_load_and_only_changes_selection():
     moe(x)
     load = moe.pending_counts.clone()
     assert load[0] == 64
-    moe.update_bias()
+    moe.after_optimizer_step()
     bias = moe.router.selection_bias
     assert bias[0].item() == pytest.approx(-rate)
     assert torch.allclose(bias[1:], torch.full((E - 1,), rate))
     assert moe.pending_counts.sum() == 0
-    moe.update_bias()  # nothing routed since: no move
+    moe.after_optimizer_step()  # nothing routed since: no move
     assert bias[0].item() == pytest.approx(-rate)
 
     # a large bias forces expert 3, but the gate weight is still the unbiased probability of expert 3
@@ -204,8 +231,47 @@ def test_aux_free_update_is_noop_for_other_balancing():
     moe = make_moe(balancing="aux_loss")
     moe.train()
     moe(torch.randn(1, 16, D))
-    moe.update_bias()
+    moe.after_optimizer_step()
     assert moe.router.selection_bias.abs().sum() == 0
+    assert moe.pending_counts.sum() == 0
+
+
+def test_skipped_step_discards_its_routing_counts():
+    moe = make_moe(n_experts=4, top_k=1, balancing="aux_free", bias_update_rate=0.01).train()
+    moe(torch.randn(1, 32, D))
+    assert moe.pending_counts.sum() == 32
+    moe.after_optimizer_step(skipped=True)
+    assert moe.pending_counts.sum() == 0 and moe.router.selection_bias.abs().sum() == 0
+    assert moe.load_counts.sum() == 32  # the logging window is not the bias's business
+
+
+def test_aux_free_counts_are_all_reduced_under_torch_distributed(monkeypatch):
+    """Under DDP every rank adds the others' counts before moving the bias (so all ranks keep the same bias)."""
+    calls = []
+
+    def all_reduce(t):
+        calls.append(t.clone())
+        t.mul_(3)  # three ranks with the same load
+
+    monkeypatch.setattr(moe_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(moe_module.dist, "all_reduce", all_reduce)
+    moe = make_moe(n_experts=4, top_k=1, balancing="aux_free").train()
+    moe(torch.randn(1, 8, D))
+    moe.after_optimizer_step()
+    assert len(calls) == 1 and calls[0].sum() == 8
+    make_moe(balancing="aux_loss").train().after_optimizer_step()  # nothing to agree on: no collective
+    assert len(calls) == 1
+
+
+def test_the_block_class_answers_for_its_type():
+    ffn = FFNConfig(type="moe", n_experts=8, top_k=2, n_shared_experts=1)
+    assert MoEFFN.matched_on == "active" and MoEFFN.may_skip_params and MoEFFN.step_cost > 1
+    assert MoEFFN.label(ffn) == "moe 8x2+1s glu-silu" and MoEFFN.slug(ffn) == "moe8x2+1s-glu-silu"
+    assert MoEFFN.describe(ffn)["n_experts"] == 8 and MoEFFN.describe(ffn)["activation"] == "silu"
+    with pytest.raises(ValueError, match="shared experts"):
+        MoEFFN.hf_export(ffn)
+    with pytest.raises(ValueError, match="model.ffn.top_k"):
+        MoEFFN.validate(FFNConfig(type="glu", n_experts=2, top_k=3))  # what FFNConfig(type="moe", ...) runs
 
 
 def test_expert_load_counts_training_slots_only():
@@ -235,4 +301,41 @@ def test_capacity_factor_drops_overflow_tokens_only_when_set():
     moe.capacity_factor = None
     out = moe(x)
     assert (out[0].abs().sum(-1) > 0).all()
-    torch.testing.assert_close(out, moe.reference_forward(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference_forward(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def test_aux_free_two_process_ddp_keeps_the_single_process_bias(tiny_data_cache, tmp_path):
+    """The MoE all-reduces its own routing counts under torch.distributed: two ranks end with the single process's
+    selection bias and losses (same global batch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from train.config import load_config
+    from train.trainer import train
+    from train.tracking import read_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    common = [f"data.cache_dir={tiny_data_cache}", "model.ffn.type=moe", "model.ffn.n_experts=4",
+              "model.ffn.balancing=aux_free", "model.ffn.bias_update_rate=0.01", "train.grad_accum=4",
+              "train.micro_batch_size=2", "train.max_steps=4", "train.log_interval=1", "train.eval_interval=4",
+              "train.ckpt_interval=4", "train.sample_max_new_tokens=2"]
+    train(load_config(root / "configs" / "tiny.yaml", [*common, f"train.out_dir={tmp_path / 'one'}"]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(root / "scripts" / "train.py"), "--config", str(root / "configs" / "tiny.yaml"),
+                           *common, f"train.out_dir={tmp_path / 'two'}"], cwd=root, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {}
+    for name in ("one", "two"):
+        losses = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["type"] == "train"]
+        weights = load_file(str(tmp_path / name / "checkpoints" / "step_000004" / "model.safetensors"))
+        runs[name] = losses, {k: v for k, v in weights.items() if k.endswith("selection_bias")}
+    (loss1, bias1), (loss2, bias2) = runs["one"], runs["two"]
+    assert len(bias1) == 2 and any(b.abs().sum() > 0 for b in bias1.values())  # the bias did move
+    for key, b in bias1.items():
+        assert torch.equal(bias2[key], b), key
+    assert loss2 == pytest.approx(loss1, rel=1e-4, abs=1e-5)

@@ -19,6 +19,8 @@ Method (all in one process): every variant is built and warmed up in turn (its p
 the timed steps go round-robin over the variants, with one pass of the matmul-peak microbenchmark per round, so that
 machine noise hits everything alike. A step is exactly the trainer's: grad_accum × (autocast forward + loss +
 backward), gradient clipping, optimizer step (train/optim.build_optimizer), router-bias update, zero_grad.
+`mfu` is against that in-run peak of the model's own shapes; `train_mfu` against `machine_peak_flops`, the cached
+square-matmul peak the trainer's metrics.jsonl uses (train/hardware.py), so the two can be compared.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from train.config import RunConfig, ffn_label, load_config, read_yaml
 from train.errors import ConfigError
+from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
 
 REQUIRED_KEYS = ("variant", "tokens_per_s", "mfu", "peak_matmul_flops", "step_ms_median", "peak_mem_bytes")
 
@@ -207,7 +210,8 @@ def matmul_shapes(model: torch.nn.Module, rows: int) -> set[tuple[int, int, int]
 
 class MatmulPeak:
     """Best FLOP/s over the three matmuls of a linear layer's training step (forward x·Wᵀ, input gradient g·W,
-    weight gradient gᵀ·x) at each shape: kernels can differ a lot by layout (bf16 on AVX2-only CPUs: >10x)."""
+    weight gradient gᵀ·x) at each shape: kernels can differ a lot by layout (bf16 on AVX2-only CPUs: >10x). Each
+    pass times every matmul once (`train.hardware.time_best`); the best over all passes is kept."""
 
     def __init__(self, shapes: set, dtype: torch.dtype, device: torch.device):
         gen = torch.Generator(device=device).manual_seed(0)
@@ -220,11 +224,7 @@ class MatmulPeak:
         for x_MK, w_NK, g_MN in self.operands:
             for name, fn in (("forward", lambda: F.linear(x_MK, w_NK)), ("grad_input", lambda: g_MN @ w_NK),
                              ("grad_weight", lambda: g_MN.t() @ x_MK)):
-                _sync(self.device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(self.device)
-                flops = 2 * x_MK.shape[0] * x_MK.shape[1] * w_NK.shape[0] / (time.perf_counter() - t0)
+                flops = 2 * x_MK.shape[0] * x_MK.shape[1] * w_NK.shape[0] / time_best(fn, self.device)
                 if flops > self.best:
                     self.best, self.best_shape = flops, (x_MK.shape[0], x_MK.shape[1], w_NK.shape[0], name)
 
@@ -324,6 +324,7 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
         v.times = {k: [] for k in v.times}
         variants.append(v)
 
+    machine_peak = matmul_peak_flops(rt.device, rt.dtype)  # the trainer's MFU denominator (cached per machine)
     shapes = set().union(*(matmul_shapes(v.model, v.batches[0][0].numel()) for v in variants))
     peak = MatmulPeak(shapes, dtype, rt.device)
     peak.run_pass()  # warm-up: kernel selection, first-touch of the operands
@@ -335,7 +336,7 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
         log(f"[bench] round {step + 1}/{plan.steps}: " +
             ", ".join(f"{v.name} {v.times['step'][-1] * 1e3:.0f} ms" for v in variants) +
             f"; matmul peak so far {peak.best / 1e9:.1f} GFLOP/s")
-    results = [_result(v, variants, plan, rt, peak, meter.source) for v in variants]
+    results = [_result(v, variants, plan, rt, peak, meter.source, machine_peak) for v in variants]
     if profile_top:
         for v in variants:
             log(f"[bench] profile of one step of {v.name}:\n{profile_step(v, rt, profile_top)}")
@@ -362,7 +363,8 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: MatmulPeak, mem_source: str) -> dict:
+def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: MatmulPeak, mem_source: str,
+            machine_peak: float) -> dict:
     base = next(b for b in variants if b.name == plan.baseline)
     step = v.times["step"]
     median = statistics.median(step)
@@ -375,6 +377,7 @@ def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: Matm
         "variant": v.name, "ffn": ffn_label(v.cfg.model.ffn),
         "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak.best, "peak_matmul_flops": peak.best,
         "peak_matmul_shape": list(peak.best_shape),
+        "machine_peak_flops": machine_peak, "train_mfu": fpt * tok_s / machine_peak,
         "step_ms_median": median * 1e3, "step_ms_p25": _quantile(step, 0.25) * 1e3,
         "step_ms_p75": _quantile(step, 0.75) * 1e3, "step_ms_min": min(step) * 1e3, "step_ms_max": max(step) * 1e3,
         **{f"{k}_ms_median": statistics.median(v.times[k]) * 1e3 for k in ("forward", "backward", "optimizer")},
@@ -384,4 +387,6 @@ def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: Matm
         "params_total": counts["total"], "params_active": counts["active"],
         "steps": len(step), "warmup": plan.warmup, "device": str(rt.device), "dtype": rt.dtype,
         "threads": torch.get_num_threads(), "compile": v.cfg.train.compile, "torch": torch.__version__,
+        "cpu": cpu_info()["model"], "cpu_isa": cpu_info()["isa"],
+        **({"gpu": device_name(rt.device)} if rt.device.type == "cuda" else {}),
     }

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from train import fsutil
 from train.errors import CheckpointError
 
 CKPT_SUBDIR = "checkpoints"
@@ -39,45 +40,18 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small file helpers
+# Small file helpers (train/fsutil.py). `_write_bytes` and `_fsync_dir` are module names here, looked up at each
+# call, so that tests (tests/faultkit.py, tests/test_checkpoint.py) can cut a checkpoint write short.
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+_write_bytes = fsutil.write_fsynced
+_fsync_dir = fsutil.fsync_dir
+error_cause = fsutil.os_cause
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a whole file via temp + rename; on failure the old file is intact and CheckpointError names the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_bytes(tmp, data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {error_cause(e)}") from None
-    _fsync_dir(path.parent)
-
-
-def error_cause(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or e.__class__.__name__
+    """Write a whole run file via temp + rename (`train.fsutil.write_atomic`); on failure the old file is intact and
+    CheckpointError names the path."""
+    fsutil.write_atomic(path, data, error=fsutil.write_error(CheckpointError), write=_write_bytes)
 
 
 def _sha256(data: bytes) -> str:
@@ -241,7 +215,7 @@ def _verifies(ckpt: Path) -> bool:
 
 def _publish(src: Path, dst: Path) -> None:
     """Atomically make `dst` a hard link to (or, where links fail, a copy of) `src`."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = fsutil.temp_path(dst)
     try:
         tmp.unlink(missing_ok=True)
         try:

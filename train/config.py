@@ -3,11 +3,16 @@
 Loading order: the file's `extends` chain (base first) is merged with OmegaConf, then the command-line overrides
 (values parsed as YAML scalars), then everything is validated by pydantic against `RunConfig`. Any problem becomes a
 one-line `ConfigError` naming the key and the file (or "command line") and what is valid.
+
+Config values are data: OmegaConf interpolations (`${oc.env:VAR}`, `${model.hidden_size}`) are refused, never
+resolved (a config or override could otherwise read the environment), and every number must be finite (NaN and
+±inf, also spelled `.nan`/`.inf` in YAML or `nan`/`inf` on the command line, are refused for every float key).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -18,11 +23,14 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from model.config import FFNConfig, MiniMindConfig
+from model.registry import ffn_class
 from train.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: also refuses NaN/inf assigned in Python (validate_config checks loaded values first, with
+    # one message for every section incl. the model's dataclasses)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TokenizerConfig(_Section):
@@ -117,7 +125,8 @@ class TrainConfig(_Section):
     sample_max_new_tokens: int = 64
     sample_temperature: float = 0.8
     sample_top_k: Optional[int] = 50
-    peak_flops: Optional[float] = None  # FLOP/s that MFU is measured against; null = a quick matmul benchmark at start
+    # FLOP/s that MFU is measured against; null = the cached best-of-k matmul peak of this machine (train/hardware.py)
+    peak_flops: Optional[float] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -190,12 +199,8 @@ class RunConfig(_Section):
 
 
 def ffn_label(ffn: FFNConfig) -> str:
-    if ffn.type == "none":
-        return "noffn"
-    if ffn.type == "moe":
-        shared = f"+{ffn.n_shared_experts}s" if ffn.n_shared_experts else ""
-        return f"moe{ffn.n_experts}x{ffn.top_k}{shared}-{ffn.expert_type}-{ffn.expert_activation}"
-    return f"{ffn.type}-{ffn.activation}"
+    """Filesystem-safe name of the FFN variant (default run names): the block class's slug, e.g. glu-silu."""
+    return ffn_class(ffn.type).slug(ffn)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,6 +239,7 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[Any, list[Path]]:
         raise ConfigError(f"'extends' cycle: {chain}")
     data = read_yaml(path)
     parent = data.pop("extends", None)
+    refuse_interpolations(data, str(path))
     files = [path]
     if parent is None:
         base = OmegaConf.create({})
@@ -273,24 +279,94 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     override_keys = []
     for text in overrides:
         key, value = parse_override(text)
+        refuse_interpolations(value, "command line", key)
         override_keys.append(key)
         try:
             OmegaConf.update(merged, key, value, merge=True, force_add=True)
         except OmegaConfBaseException as e:
             raise ConfigError(f"override '{text}': {_one_line(str(e))}") from None
     try:
-        data = OmegaConf.to_container(merged, resolve=True)
+        data = OmegaConf.to_container(merged, resolve=False)  # values are data: nothing is ever resolved
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: cannot resolve interpolation: {_one_line(str(e))}") from None
+        raise ConfigError(f"{path}: {_one_line(str(e))}") from None
     source = str(files[-1]) if files else "defaults"
     return validate_config(data, source=source, override_keys=override_keys)
 
 
+def _find_interpolation(value: Any, key: str) -> Optional[str]:
+    """The key of the first string holding an OmegaConf interpolation `${...}` (keys included), else None."""
+    if isinstance(value, str):
+        return key if "${" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if "${" in str(k):
+                return sub
+            found = _find_interpolation(v, sub)
+            if found is not None:
+                return found
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _find_interpolation(v, f"{key}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def refuse_interpolations(value: Any, where: str, key: str = "") -> None:
+    """Config values are data: a `${...}` would make OmegaConf read the environment or other keys. The message names
+    the key and where it was written, never the text (nor, since nothing is resolved, what it would resolve to)."""
+    found = _find_interpolation(value, key)
+    if found is not None:
+        raise ConfigError(f"{found}: interpolations (${{...}}) are not supported ({where}); config values are data: "
+                          f"write the value itself")
+
+
+def _non_finite(data: Any, node: Any, prefix: str = "") -> Optional[tuple[str, Any]]:
+    """(key, value) of the first float-typed key of the schema whose value is NaN or ±inf, as YAML writes them
+    (.nan, .inf) or as a string pydantic would parse to one ('nan', 'inf', '-Infinity'); else None."""
+    if not isinstance(data, dict):
+        return None
+    fields = _fields_of(node)
+    for key, value in data.items():
+        if key not in fields:
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found = _non_finite(value, fields[key], path + ".")
+            if found:
+                return found
+        elif "float" in str(fields[key]) and _is_non_finite(value):
+            return path, value
+    return None
+
+
+def _is_non_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:  # not a number at all: pydantic names the type error
+        return False
+    except OverflowError:  # an integer too large for a float
+        return True
+
+
 def validate_config(data: dict, source: str = "config", override_keys: list[str] = ()) -> RunConfig:
+    """Validate a config mapping (as loaded, overrides applied) into a `RunConfig`; every problem is one
+    ConfigError line naming the key and `source` (or "command line" for keys in `override_keys`)."""
+    override_keys = list(override_keys)
+    found = _find_interpolation(data, "")
+    if found is not None:  # load_config refuses these per file; this covers mappings from elsewhere
+        refuse_interpolations(data, _where(found, source, override_keys))
+    found = _non_finite(data, RunConfig)
+    if found is not None:
+        key, value = found
+        raise ConfigError(f"{key} must be a finite number, got {value} ({_where(key, source, override_keys)})")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_explain(e, data, source, list(override_keys))) from None
+        raise ConfigError(_explain(e, data, source, override_keys)) from None
     except ValueError as e:  # raised by a dataclass __post_init__ outside pydantic's wrapping
         raise ConfigError(f"{_one_line(str(e))} ({source})") from None
 
@@ -319,16 +395,20 @@ def _fields_of(node: Any) -> dict:
     return {}
 
 
+def _where(key: str, source: str, override_keys: list[str]) -> str:
+    """Where the value of `key` came from: the command line, the file, or both (a section some overrides touch)."""
+    if any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in override_keys):
+        return "command line"
+    if any(k.startswith(key + ".") for k in override_keys):
+        return f"{source} with command-line overrides"
+    return source
+
+
 def _explain(err: ValidationError, data: dict, source: str, override_keys: list[str]) -> str:
     first = err.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
     key = ".".join(loc)
-    if any(key == k or key.startswith(k + ".") for k in override_keys):
-        where = "command line"
-    elif any(k.startswith(key + ".") for k in override_keys):
-        where = f"{source} with command-line overrides"
-    else:
-        where = source
+    where = _where(key, source, override_keys)
     kind = first["type"]
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         if any(k.startswith(key + ".") for k in override_keys):

@@ -1,16 +1,14 @@
 """Export a MiniMind model to a Hugging Face transformers directory that loads without custom code.
 
-Only exact equivalents are written; everything else is refused with the reason (`ExportError`):
-- dense GLU FFN -> `LlamaForCausalLM`: our block is LLaMA's (pre-norm RMSNorm, rotate-half RoPE, GQA, no biases) and
-  LlamaMLP computes down(act(gate(x)) * up(x)) exactly like our GLUFFN (gate = the first half of gate_up_proj).
-- MoE with GLU experts, softmax routing, top_k >= 2 and renormalised top-k weights -> `MixtralForCausalLM`, whose
-  router is softmax over all experts -> top-k -> divide by the top-k sum, and whose experts store their weights as
-  3-D tensors laid out like ours (gate_up_proj (E, 2F, D) with gate first, down_proj (E, D, F)).
-Why the rest is refused: an ungated FFN, or no FFN, has no LLaMA-family equivalent (LlamaMLP always multiplies by a
-gate); Mixtral has no shared experts, no sigmoid scoring, no selection bias and always renormalises the top-k weights
-(so top_k=1 would give weight 1 where ours gives the router probability); Qwen3-MoE has the norm_topk_prob flag but
-adds per-head q/k RMSNorm to attention, which our model does not have; token dropping (capacity_factor) has no
-equivalent at all.
+Only exact equivalents are written; everything else is refused with the reason (`ExportError`). Which FFN maps to
+what is asked of the block class (`hf_export(ffn)`: the architecture and activation, or ValueError with the reason;
+`hf_weights()` on each layer's block: its weights under transformers' names, or ValueError when its state has no
+equivalent). An unknown type is refused, never routed to another type's mapping. Today:
+- GLU -> `LlamaForCausalLM`: our block is LLaMA's (pre-norm RMSNorm, rotate-half RoPE, GQA, no biases) and LlamaMLP
+  computes down(act(gate(x)) * up(x)) exactly like our GLUFFN.
+- MoE with GLU experts, softmax routing, top_k >= 2, renormalised top-k weights, no shared experts, no token dropping
+  and a zero selection bias -> `MixtralForCausalLM` (see model/moe.py MoEFFN.hf_export for why the rest is refused).
+- dense (ungated) and none: no LLaMA-family equivalent (LlamaMLP always multiplies by a gate).
 
 transformers is a development/optional dependency: it is imported inside the functions that need it.
 Shape suffixes: D hidden, F FFN (expert) width, E experts, H/G query/key-value heads, C head dim.
@@ -25,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from model.config import resolve_d_ff
+from model.registry import ffn_class
 from train.errors import UserError
 
 # Our activation name -> transformers ACT2FN name computing exactly the same function (checked in the tests).
@@ -43,80 +43,61 @@ class ExportError(UserError):
     """The model has no exact transformers equivalent (the message says why)."""
 
 
+# architecture (the block class picks it) -> transformers config class, model class, and the config values that
+# say the rest of our block is theirs (no biases anywhere; full attention)
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=False, mlp_bias=False)),
+              "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(sliding_window=None))}
+
+
+def hf_mapping(model) -> dict:
+    """The FFN block's transformers mapping ({"architecture", "activation", "config"}); ExportError naming the
+    reason when there is none (the block class's own words)."""
+    ffn = model.config.ffn
+    try:
+        mapping = dict(ffn_class(ffn.type).hf_export(ffn))
+        for layer in model.model.layers:  # state the config cannot show (e.g. a nonzero MoE selection bias)
+            if layer.ffn is None or not hasattr(layer.ffn, "hf_weights"):
+                raise ValueError(f"model.ffn.type={ffn.type}: the block has no transformers weight mapping")
+            layer.ffn.hf_weights()
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if mapping.get("architecture") not in HF_CLASSES:
+        raise ExportError(f"model.ffn.type={ffn.type} maps to transformers architecture "
+                          f"{mapping.get('architecture')!r}, which this exporter does not write; "
+                          f"known: {', '.join(HF_CLASSES)}")
+    if mapping.get("activation") not in HF_ACTIVATIONS:
+        raise ExportError(f"activation '{mapping.get('activation')}' has no identical transformers activation; "
+                          f"exportable: {', '.join(HF_ACTIVATIONS)}")
+    return mapping
+
+
 def hf_architecture(model) -> str:
     """'llama' or 'mixtral' for a model that maps exactly; ExportError naming the reason otherwise."""
-    cfg = model.config
-    ffn = cfg.ffn
-    if ffn.type == "none":
-        raise ExportError("model.ffn.type=none (attention-only blocks) has no transformers equivalent: every "
-                          "LLaMA-family block has an MLP; only GLU and MoE variants can be exported")
-    if ffn.type == "dense":
-        raise ExportError(f"model.ffn.type=dense (ungated W_down·{ffn.activation}(W_up·x)) has no exact transformers "
-                          f"equivalent: LlamaMLP always multiplies by a gate (act(gate·x)·(up·x)), and the ungated "
-                          f"families (GPT-2, GPT-NeoX, ...) use LayerNorm/biases; only GLU and MoE variants export")
-    activation = ffn.activation if ffn.type == "glu" else ffn.expert_activation
-    if activation not in HF_ACTIVATIONS:
-        raise ExportError(f"activation '{activation}' has no identical transformers activation; "
-                          f"exportable: {', '.join(HF_ACTIVATIONS)}")
-    if ffn.type == "glu":
-        return "llama"
-    # moe -> Mixtral, only where its routing is ours exactly
-    why = None
-    if ffn.expert_type != "glu":
-        why = (f"model.ffn.expert_type={ffn.expert_type}: Mixtral experts are gated (act(gate·x)·(up·x)); "
-               f"ungated experts have no equivalent")
-    elif ffn.n_shared_experts:
-        why = (f"model.ffn.n_shared_experts={ffn.n_shared_experts}: Mixtral has no shared experts (Qwen2-MoE's shared "
-               f"expert has an extra sigmoid gate and attention biases, so it is not an exact match either)")
-    elif ffn.router_scoring != "softmax":
-        why = (f"model.ffn.router_scoring={ffn.router_scoring}: Mixtral scores experts with a softmax over all "
-               f"router logits")
-    elif ffn.top_k == 1:
-        why = ("model.ffn.top_k=1: our top-1 gate weight is the router probability, Mixtral renormalises the top-k "
-               "weights (giving 1); Qwen3-MoE could keep the probability but adds per-head q/k RMSNorm to attention")
-    elif not ffn.norm_topk_prob:
-        why = ("model.ffn.norm_topk_prob=false: Mixtral always renormalises the top-k weights; Qwen3-MoE has the flag "
-               "but adds per-head q/k RMSNorm to attention, which our model does not have")
-    elif ffn.capacity_factor is not None:
-        why = (f"model.ffn.capacity_factor={ffn.capacity_factor}: tokens over an expert's capacity are dropped, "
-               f"transformers' MoE models never drop tokens")
-    elif any(bool(moe.router.selection_bias.any()) for moe in model.moe_layers()):
-        why = ("the router's selection bias (aux-loss-free balancing, model.ffn.balancing=aux_free) is nonzero: it "
-               "changes which experts are picked, and Mixtral's router has no such bias")
-    if why:
-        raise ExportError(f"cannot export this MoE as Mixtral: {why}")
-    return "mixtral"
+    return hf_mapping(model)["architecture"]
 
 
 def hf_config(model, eos_id: int):
     """The transformers config (LlamaConfig or MixtralConfig) equivalent to `model`'s."""
     import transformers
 
-    cfg, ffn = model.config, model.config.ffn
-    arch = hf_architecture(model)
-    first = model.model.layers[0].ffn
+    cfg = model.config
+    mapping = hf_mapping(model)
+    config_name, _, arch_config = HF_CLASSES[mapping["architecture"]]
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.init_std, attention_dropout=0.0,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True)
-    if arch == "llama":
-        return transformers.LlamaConfig(**common, intermediate_size=first.down_proj.weight.shape[1],
-                                        hidden_act=HF_ACTIVATIONS[ffn.activation], attention_bias=False,
-                                        mlp_bias=False)
-    return transformers.MixtralConfig(**common, intermediate_size=first.experts.d_ff,
-                                      hidden_act=HF_ACTIVATIONS[ffn.expert_activation],
-                                      num_local_experts=ffn.n_experts, num_experts_per_tok=ffn.top_k,
-                                      router_jitter_noise=0.0, sliding_window=None,
-                                      router_aux_loss_coef=ffn.aux_loss_coef)
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True,
+        intermediate_size=resolve_d_ff(cfg.ffn, cfg.hidden_size), hidden_act=HF_ACTIVATIONS[mapping["activation"]])
+    return getattr(transformers, config_name)(**common, **arch_config, **mapping.get("config", {}))
 
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Our weights under transformers' (Llama/Mixtral, v5 in-memory) names."""
     cfg = model.config
-    arch = hf_architecture(model)
+    hf_mapping(model)
     H, G, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     out = {"model.embed_tokens.weight": model.model.embed_tokens.weight,
            "model.norm.weight": model.model.norm.weight}
@@ -127,14 +108,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
                     p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.attn.o_proj.weight,
                     p + "input_layernorm.weight": layer.attn_norm.weight,
                     p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
-        if arch == "llama":
-            gate_FD, up_FD = layer.ffn.gate_up_proj.weight.chunk(2, dim=0)
-            out.update({p + "mlp.gate_proj.weight": gate_FD, p + "mlp.up_proj.weight": up_FD,
-                        p + "mlp.down_proj.weight": layer.ffn.down_proj.weight})
-        else:
-            out.update({p + "mlp.gate.weight": layer.ffn.router.gate.weight,
-                        p + "mlp.experts.gate_up_proj": layer.ffn.experts.w_up,
-                        p + "mlp.experts.down_proj": layer.ffn.experts.w_down})
+        out.update({p + "mlp." + name: t for name, t in layer.ffn.hf_weights().items()})
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
     return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in out.items()}
@@ -154,7 +128,7 @@ def to_hf_model(model, eos_id: int, attn_implementation: str = "sdpa"):
     config._attn_implementation = attn_implementation
     if needs_eager_experts(config):
         config._experts_implementation = "eager"
-    cls = transformers.LlamaForCausalLM if config.model_type == "llama" else transformers.MixtralForCausalLM
+    cls = getattr(transformers, HF_CLASSES[config.model_type][1])
     hf = cls(config).to(torch.float32)
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     if config.tie_word_embeddings:

@@ -139,6 +139,65 @@ def _family_plot(rows: list[dict], key_x: str, path: Path, xlabel: str) -> Path 
     return path
 
 
+def scaling_plot(doc: dict, path: Path) -> Path | None:
+    """Final reporting loss vs training FLOPs, log-log: seed means with std error bars and each variant's fit."""
+    entries = [s for s in doc.get("scaling") or [] if s["points"]]
+    if not entries:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, s in enumerate(entries):
+        pts = sorted(s["points"], key=lambda p: p["flops"])
+        x = np.array([p["flops"] for p in pts])
+        ax.errorbar(x, [p["loss_mean"] for p in pts], yerr=[p["loss_std"] or 0 for p in pts], fmt="o",
+                    color=f"C{i}", capsize=3, label=s["variant"] + (" (baseline)" if s["variant"] == doc["baseline"]
+                                                                       else ""))
+        if s["E"] is not None:
+            grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
+            ax.plot(grid, s["E"] + s["A"] * grid ** (-s["alpha"]), color=f"C{i}", lw=1, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("final validation loss (reporting blocks)")
+    ax.set_title(f"{doc['sweep']}: loss vs compute, fits L = E + A·C^-α", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tuning_plot(doc: dict, path: Path) -> Path | None:
+    """Tuning loss vs the (first) tuned value, one panel per size, one line per variant; the chosen point ringed."""
+    tuning = [t for t in doc.get("tuning") or [] if t["points"]]
+    if not tuning:
+        return None
+    key = next(iter(tuning[0]["points"][0]["values"]))
+    sizes = list(dict.fromkeys(t["size"] for t in tuning))
+    variants = list(dict.fromkeys(t["variant"] for t in tuning))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.8), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for t in (t for t in tuning if t["size"] == size):
+            pts = sorted((p["values"][key], p["tune_loss"]) for p in t["points"] if p["tune_loss"] is not None)
+            if not pts:
+                continue
+            color = f"C{variants.index(t['variant'])}"
+            ax.plot(*zip(*pts), marker="o", color=color, label=t["variant"])
+            if t["chosen"]:
+                best = next(loss for v, loss in pts if v == t["chosen"][key])
+                ax.plot([t["chosen"][key]], [best], "o", ms=11, mfc="none", color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_title(f"size {size}" if size else "tuning", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("final tuning loss")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(doc: dict, results: list, out_dir: Path) -> list[Path]:
     """Write the sweep's PNGs into out_dir; returns the paths written (plots without data are skipped)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,4 +234,6 @@ def make_plots(doc: dict, results: list, out_dir: Path) -> list[Path]:
                               "FFN parameters"))
     paths.append(_family_plot(doc["variants"], "train_flops", out_dir / "final_loss_vs_train_flops.png",
                               "training FLOPs"))
+    paths.append(scaling_plot(doc, out_dir / "scaling_loss_vs_flops.png"))
+    paths.append(tuning_plot(doc, out_dir / "tuning_loss_vs_value.png"))
     return [p for p in paths if p is not None]

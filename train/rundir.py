@@ -5,6 +5,8 @@
 - One process per directory: an exclusive fcntl lock on `.lock`, released by the OS when its holder dies.
 - A resumed run's resolved model section must equal the checkpoint's (except keys that leave the weights' shapes and
   meaning alone), and the error names the first key that differs.
+- Resume never silently changes a run: its train section must equal the checkpoint's except the mechanics in
+  RESUMABLE_TRAIN_KEYS, and the budget may only grow; otherwise one error names every differing key, both values.
 """
 from __future__ import annotations
 
@@ -12,18 +14,36 @@ import dataclasses
 import fcntl
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from train import checkpoint as ck
 from train.checkpoint import error_cause
-from train.config import RunConfig
+from train.config import RunConfig, TrainConfig
 from train.errors import CheckpointError, ConfigError
+from train.optim import plan_budget
 
 # What a run directory may hold; other files in a directory without a checkpoint mean it is not ours to reuse.
 RUN_FILES = {"config.yaml", "tokenizer.json", "metrics.jsonl", "samples.json", "samples.md", ck.WEIGHTS, ck.STATE,
              ck.CKPT_SUBDIR, "wandb", ".lock"}
 # Model keys that may change on resume: they change neither the shapes nor the meaning of the weights.
 RESUMABLE_MODEL_KEYS = {"dropout", "init_std"}
+# train.* keys a resumed run may change. They decide where and how fast the same computation runs, when it is logged,
+# evaluated, checkpointed or stopped, and the end-of-run samples and MFU denominator (outputs only) — never which
+# batches are drawn, how the weights are updated, in what precision, or what a validation number measures. Every other
+# train key (seed, micro_batch_size, grad_accum, lr, min_lr, warmup_steps, weight_decay, decay_embeddings, beta1,
+# beta2, eps, grad_clip, dtype, eval_tokens, and any key added later) must equal the checkpoint's. nan_policy only acts
+# at a non-finite step, which is reported either way (an error, or a warning and a `skipped` count in the metrics),
+# so a run stopped by a NaN may be continued with train.nan_policy=skip.
+RESUMABLE_TRAIN_KEYS = {
+    "out_dir", "device", "compile", "num_threads",  # where and how fast (bitwise resume still needs the same machine)
+    "resume", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "stop_at_step",  # bookkeeping
+    "nan_policy",
+    "sample_prompts", "sample_max_new_tokens", "sample_temperature", "sample_top_k", "peak_flops",  # outputs only
+}
+# The budget (max_tokens wins over max_steps) may grow: training longer stretches the cosine schedule to the new end.
+# A smaller one is refused: it would change the schedule of the steps already taken.
+BUDGET_KEYS = ("max_steps", "max_tokens")
 
 
 class RunLock:
@@ -87,6 +107,8 @@ def open_run_dir(cfg: RunConfig) -> tuple[RunLock, Optional[Path]]:
         if found is None and foreign:
             raise ConfigError(f"run directory {run_dir} holds other files ({', '.join(foreign[:3])}) and no "
                               f"checkpoint; choose another train.out_dir")
+        if found is not None:
+            check_same_training(found, cfg)  # before anything is read into or written to the run
     except BaseException:
         lock.release()
         raise
@@ -113,6 +135,33 @@ def check_same_model(ckpt: Path, cfg: RunConfig) -> None:
         key, was, now = diff
         raise ConfigError(f"{key}={now!r} differs from the checkpoint in {ckpt.parent.parent} ({key}={was!r}); a "
                           f"run's model cannot change on resume: use its settings or a new train.out_dir")
+
+
+def _budget_steps(train: dict, seq_len: object) -> Optional[int]:
+    try:
+        steps, _ = plan_budget(SimpleNamespace(**{k: train.get(k) for k in ("micro_batch_size", "grad_accum",
+                                                                          *BUDGET_KEYS)}), int(seq_len))
+        return int(steps)
+    except (TypeError, ValueError):  # an unreadable old config: compare the keys themselves
+        return None
+
+
+def check_same_training(ckpt: Path, cfg: RunConfig) -> None:
+    """Refuse to resume `ckpt` with train settings other than the ones it was trained with (see
+    RESUMABLE_TRAIN_KEYS, BUDGET_KEYS), naming every differing key with both values. Keys an older checkpoint did not
+    record count as their defaults; keys the schema no longer has are ignored."""
+    saved = ck.read_manifest(ckpt).get("config", {})
+    old = {**TrainConfig().model_dump(mode="json"), **(saved.get("train") or {})}
+    new = cfg.to_dict()["train"]
+    diffs = [k for k in new if k not in RESUMABLE_TRAIN_KEYS and k not in BUDGET_KEYS and old.get(k) != new[k]]
+    old_steps = _budget_steps(old, (saved.get("model") or {}).get("max_seq_len"))
+    new_steps = _budget_steps(new, cfg.model.max_seq_len)
+    if old_steps is None or new_steps is None or new_steps < old_steps:
+        diffs += [k for k in BUDGET_KEYS if old.get(k) != new.get(k)]
+    if diffs:
+        shown = ", ".join(f"train.{k}={new[k]!r} (checkpoint: {old.get(k)!r})" for k in diffs)
+        raise ConfigError(f"resuming {ckpt.parent.parent} would change the run: {shown}; a resume keeps the "
+                          f"checkpoint's train settings (the budget may only grow): use them, or a new train.out_dir")
 
 
 def resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:

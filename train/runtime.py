@@ -10,7 +10,6 @@ import random
 import signal
 import sys
 import threading
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
@@ -18,9 +17,9 @@ from typing import Any, Callable, Optional, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from train.errors import ConfigError, UserError
+from train.hardware import cpu_flags, matmul_peak_flops  # matmul_peak_flops: also imported from here
 
 T = TypeVar("T")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -172,38 +171,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def measure_peak_flops(rt: Runtime, budget_s: float = 0.2) -> float:
-    """A quick achievable-peak estimate (FLOP/s): square `F.linear` (the model's kernel: for bf16 on CPU it is ~10x
-    faster than `@`) in the training precision for ~`budget_s`.
-    MFU against this is "fraction of what this machine's matmul kernel reaches", not of a vendor datasheet."""
-    dtype = rt.amp_dtype or torch.float32
-    n = 4096 if rt.device.type == "cuda" else 1024
-    gen = torch.Generator(device=rt.device).manual_seed(0)  # leaves the global RNG (and so exact resume) alone
-    a = torch.randn(n, n, device=rt.device, generator=gen).to(dtype)
-    b = torch.randn(n, n, device=rt.device, generator=gen).to(dtype)
-    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-    t0 = time.perf_counter()
-    F.linear(a, b)  # warm-up (kernel selection); if even this blows the budget the kernel is slow and one call will do
-    sync()
-    first = time.perf_counter() - t0
-    if first > budget_s:
-        return 2 * n ** 3 / first
-    reps, t0 = 0, time.perf_counter()
-    while reps < 1000 and (reps < 2 or time.perf_counter() - t0 < budget_s):
-        F.linear(a, b)
-        sync()
-        reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+def measure_peak_flops(rt: Runtime) -> float:
+    """The run's peak for MFU: `train.hardware.matmul_peak_flops` in the run's precision and CPU threads (cached per
+    machine, so every run here divides by the same number), measured on rank 0 and the same on every rank."""
+    return rt.on_main(lambda: matmul_peak_flops(rt.device, rt.dtype))
 
 
 def fast_bf16_cpu() -> bool:
     """Whether this CPU has native bf16 matmul (AVX512-BF16 or AMX); without it bf16 autocast is many times slower
     than fp32 (measured ~10x on an AVX2-only EPYC)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -8,7 +8,8 @@ metrics.jsonl has one JSON object per line with a `type`:
   eval   step, tokens, time, val_loss, val_ppl, val_bpb, val_tokens
   final  the final metrics returned by `train()`
 `step` counts optimizer steps completed. mfu = FLOPs/token (model.flops_per_token) x tok_per_s / peak, the peak being
-train.peak_flops or, when null, a square matmul in the training precision timed at start (runtime.measure_peak_flops):
+train.peak_flops or, when null, this machine's best-of-k square-matmul peak in the training precision, cached per
+CPU/GPU, dtype and thread count (train/hardware.py):
 a fraction of what this machine's matmul kernel reaches, not of a datasheet number. On resume every line after the checkpoint's step is dropped so that the file
 reads as if the run had never stopped.
 
@@ -29,8 +30,14 @@ from typing import Any, Optional
 
 import torch
 
-from train.checkpoint import write_atomic
+from train import fsutil
 from train.errors import CheckpointError
+
+
+def write_atomic(path: Path, data: str) -> None:
+    """A run file (metrics.jsonl rewrite, samples): `train.fsutil.write_atomic`, a failure as a CheckpointError
+    naming the file like every other write into the run directory."""
+    fsutil.write_atomic(path, data, error=fsutil.write_error(CheckpointError))
 
 
 def warn(msg: str) -> None:
@@ -243,7 +250,7 @@ def start_summary(cfg, counts: dict, flops_per_token: int, d_ff: int, max_steps:
                   resumed_from: Optional[int]) -> str:
     m, t = cfg.model, cfg.train
     from train.config import ffn_label
-    ffn = ffn_label(m.ffn) + (f" d_ff={d_ff}" if m.ffn.type != "none" else "")
+    ffn = ffn_label(m.ffn) + (f" d_ff={d_ff}" if d_ff else "")  # d_ff 0: no FFN sub-layer
     rows = [
         ("run", f"{cfg.run_name} -> {run_dir}" + (f" (resuming from step {resumed_from})" if resumed_from else "")),
         ("model", f"d={m.hidden_size} L={m.num_hidden_layers} heads={m.num_attention_heads}/{m.num_key_value_heads}kv"

@@ -24,7 +24,7 @@ import torch
 
 from train import checkpoint as ck
 from train.config import RunConfig
-from train.errors import CheckpointError, ConfigError, UserError
+from train.errors import CheckpointError, ConfigError, DataError, UserError
 from train.optim import build_optimizer, lr_at, plan_budget
 from train.rundir import check_same_model, open_run_dir, resolve_vocab
 from train.runtime import Runtime, StopRequest, measure_peak_flops, seed_everything, setup_runtime
@@ -92,20 +92,24 @@ class Trainer:
 
         seed_everything(t.seed)
         self.model = MiniMindForCausalLM(cfg.model).to(rt.device)
-        self.is_moe = bool(self.model.moe_layers())
         self.optimizer = build_optimizer(self.model, t)
         self.scaler = torch.amp.GradScaler("cuda") if rt.dtype == "fp16" else None
         self.ddp_model = self.model
         if rt.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            # find_unused_parameters: an expert may get no tokens in a micro-batch. broadcast_buffers=False: the MoE
-            # load counters are per rank (summed explicitly where needed), not rank 0's copied everywhere.
+            # find_unused_parameters: a block class may say some parameters can miss a micro-batch (an MoE expert with
+            # no tokens). broadcast_buffers=False: MoE load counters are per rank, not rank 0's copied everywhere.
+            skips = any(getattr(m, "may_skip_params", False) for m in self.model.modules())
             self.ddp_model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                 find_unused_parameters=self.is_moe, broadcast_buffers=False)
+                                 find_unused_parameters=skips, broadcast_buffers=False)
         self.step_model = torch.compile(self.ddp_model) if t.compile else self.ddp_model
         self.batches = TrainBatches(self.prepared.train_path, self.prepared.dtype, self.seq_len, t.micro_batch_size,
                                     self.local_accum, t.seed, rt.rank, rt.world_size)
-        self.val = val_batches(self.prepared, self.seq_len, t.micro_batch_size, t.eval_tokens)
+        self.val = val_batches(self.prepared, self.seq_len, t.micro_batch_size, t.eval_tokens)  # reporting blocks
+        try:  # selection (a sweep's tuning grid) reads these, at the end of the run only
+            self.val_tune = val_batches(self.prepared, self.seq_len, t.micro_batch_size, t.eval_tokens, part="tune")
+        except DataError:
+            self.val_tune = None
 
         self.step, self.elapsed, self.wandb_id = 0, 0.0, None
         self.meter = self._new_meter()
@@ -272,8 +276,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            if self.is_moe:
-                self._update_router_bias()
+            self._after_optimizer_step(skipped=False)
             m = self.meter
             m["loss"] += loss
             m["grad_norm"] += grad_norm if math.isfinite(grad_norm) else 0.0
@@ -282,8 +285,7 @@ class Trainer:
                 m["aux"][key] = m["aux"].get(key, 0.0) + value / rt.world_size
         elif t.nan_policy == "skip":
             self.meter["skipped"] += 1
-            for layer in self.model.moe_layers():  # the skipped step's routing must not steer the balancing bias
-                layer.pending_counts.zero_()
+            self._after_optimizer_step(skipped=True)  # e.g. the MoE drops the skipped step's routing counts
             self.say(f"warning: non-finite loss/grad norm at step {self.step + 1} "
                      f"(loss={loss}, grad_norm={grad_norm}); step skipped (train.nan_policy=skip)")
         else:
@@ -295,20 +297,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return reduced[1] > 0
 
-    def _update_router_bias(self) -> None:
-        """Aux-loss-free balancing from the load of the whole global batch, so every rank's bias stays the same."""
-        if self.rt.ddp and any(layer.balancing == "aux_free" for layer in self.model.moe_layers()):
-            import torch.distributed as dist
-            for layer in self.model.moe_layers():
-                dist.all_reduce(layer.pending_counts)
-        self.model.update_router_bias()
+    def _after_optimizer_step(self, skipped: bool) -> None:
+        """Every module's per-step hook (MoE: aux-loss-free bias from the global batch's load, all-reduced inside the
+        block so every rank's bias stays the same). Same modules, same order, same `skipped` on every rank."""
+        for module in self.model.modules():
+            if hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step(skipped=skipped)
 
     # -- logging, eval, checkpoints ------------------------------------------------------------------------------
     def _log_train(self) -> None:
         m, rt = self.meter, self.rt
         load = None
-        if self.is_moe:
-            per_layer = self.model.expert_load()
+        per_layer = self.model.expert_load()  # [] without layers that count their expert load
+        if per_layer:
             flat = rt.all_reduce_sum([v for layer in per_layer for v in layer])
             it = iter(v / rt.world_size for v in flat)
             load = [[next(it) for _ in layer] for layer in per_layer]
@@ -336,14 +337,17 @@ class Trainer:
             print(f"step {self.step}/{self.max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                   f"grad_norm {rec['grad_norm']:.3f} tok/s {tok_per_s:,.0f} mfu {rec['mfu']:.1%}", flush=True)
 
-    def _evaluate(self) -> dict:
+    def _val_metrics(self, blocks) -> dict:
         from train.evaluate import eval_loss_sum, val_metrics
 
         rt = self.rt
-        nll, n = eval_loss_sum(self.model, self.val[rt.rank::rt.world_size], rt.device, rt.autocast)
+        nll, n = eval_loss_sum(self.model, blocks[rt.rank::rt.world_size], rt.device, rt.autocast)
         nll, n = rt.all_reduce_sum([nll, float(n)])
-        exact = int(n) == self.val.n_tokens
-        self.last_val = val_metrics(nll, int(n), self.prepared, self.val.n_bytes if exact else None)
+        return val_metrics(nll, int(n), self.prepared, blocks.n_bytes if int(n) == blocks.n_tokens else None)
+
+    def _evaluate(self) -> dict:
+        rt = self.rt
+        self.last_val = self._val_metrics(self.val)
         self.eval_step = self.step
         if rt.is_main:
             rec = {"type": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step,
@@ -381,8 +385,12 @@ class Trainer:
             self._evaluate()
         if self.saved_step != self.step:
             self._save()
+        tune = {}
+        if self.val_tune is not None:
+            m = self._val_metrics(self.val_tune)
+            tune = {"tune_loss": m["val_loss"], "tune_bpb": m["val_bpb"], "tune_tokens": m["val_tokens"]}
         final = {"type": "final", "step": self.step, "tokens": self.step * self.tokens_per_step,
-                 "time": round(self.elapsed, 3), **self.last_val, "train_loss": self.last_loss,
+                 "time": round(self.elapsed, 3), **self.last_val, **tune, "train_loss": self.last_loss,
                  "params": self.counts["total"], "active_params": self.counts["active"],
                  "tok_per_s": getattr(self, "session_tokens", 0) / max(getattr(self, "session_time", 0.0), 1e-9),
                  "run_dir": str(self.run_dir), "wandb_id": self.wandb_id,

@@ -10,8 +10,11 @@ order, and resuming needs only the step. Block j of the global batch goes to mic
 rank (j // mb) % world_size, so ranks get disjoint parts and the union over ranks and micro-steps is the same global
 batch whatever the split into ranks and micro-steps.
 
-Validation is the start of val.bin cut into consecutive blocks: block i is val[i*T : i*T + T + 1], so the inputs
-never overlap and every token val[1 : n*T + 1] is a target exactly once; identical for every variant.
+Validation is val.bin cut into consecutive blocks: block i is val[i*T : i*T + T + 1], so the inputs never overlap and
+every target is scored once; identical for every variant. The blocks are split in two fixed halves: the *reporting*
+part (the first half: every number a report shows) and the *tuning* part (the second half: what selection, e.g. a
+learning-rate choice, reads). eval_tokens caps each part from its start, so a tuning decision never sees a reported
+block.
 
 Bits per byte = mean loss (nats per target token) / ln 2 * target tokens / UTF-8 bytes behind those targets. For a
 byte-level tokenizer the bytes behind the targets are counted exactly (each token id stands for a fixed number of
@@ -72,16 +75,35 @@ class ValBatches(list):
     exact_bytes: bool = False  # False: n_bytes estimated from the split's bytes/tokens ratio
 
 
-def val_batches(prepared, seq_len: int, batch_size: int, eval_tokens: int | None = None) -> ValBatches:
-    """Fixed consecutive blocks from the start of val.bin, covering eval_tokens target tokens (rounded down to whole
-    blocks, at least one block) or the whole split when eval_tokens is None."""
+VAL_PARTS = ("report", "tune", "all")  # all: the whole split (scoring a text of your own)
+
+
+def val_part_blocks(n_blocks: int, part: str) -> range:
+    """Block indices of a validation part: report = the first half, tune = the second (a split of one block has no
+    tuning part), all = every block."""
+    if part not in VAL_PARTS:
+        raise ValueError(f"validation part must be one of {VAL_PARTS}, got {part!r}")
+    half = max(1, n_blocks // 2)
+    return {"report": range(0, half), "tune": range(half, n_blocks), "all": range(0, n_blocks)}[part]
+
+
+def val_batches(prepared, seq_len: int, batch_size: int, eval_tokens: int | None = None,
+                part: str = "report") -> ValBatches:
+    """Fixed consecutive blocks of one validation part (see the module docstring), covering eval_tokens target
+    tokens (rounded down to whole blocks, at least one block) or the whole part when eval_tokens is None.
+    Raises DataError when the part is empty (a validation split of one block has no tuning part)."""
     val = np.memmap(prepared.val_path, dtype=prepared.dtype, mode="r")
     available = (len(val) - 1) // seq_len
     if available == 0:
         raise DataError(f"the validation split ({prepared.val_path}) holds {len(val)} tokens, fewer than one block of "
                         f"seq_len+1 = {seq_len + 1}; use more validation data or a smaller model.max_seq_len")
-    n_blocks = available if eval_tokens is None else min(available, max(1, eval_tokens // seq_len))
-    tokens = np.asarray(val[: n_blocks * seq_len + 1], dtype=np.int64)
+    blocks = val_part_blocks(available, part)
+    if not blocks:
+        raise DataError(f"the validation split ({prepared.val_path}) holds one block of seq_len+1 = {seq_len + 1} "
+                        "tokens: no tuning part; use more validation data or a smaller model.max_seq_len")
+    n_blocks = len(blocks) if eval_tokens is None else min(len(blocks), max(1, eval_tokens // seq_len))
+    first = blocks.start * seq_len
+    tokens = np.asarray(val[first: first + n_blocks * seq_len + 1], dtype=np.int64)
     x_NT, y_NT = tokens[:-1].reshape(n_blocks, seq_len), tokens[1:].reshape(n_blocks, seq_len)
     batches = ValBatches((torch.from_numpy(x_NT[i:i + batch_size].copy()),
                           torch.from_numpy(y_NT[i:i + batch_size].copy())) for i in range(0, n_blocks, batch_size))

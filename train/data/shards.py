@@ -34,6 +34,7 @@ from train.data.sources import corpus_name, corpus_spec, datasets_progress, load
 from train.data.tokenizer import (TOKENIZER_RECIPE, file_sha256, load_tokenizer, special_token_id,
                                   token_byte_lengths, train_tokenizer)
 from train.errors import DataError
+from train.fsutil import fsync_dir, temp_path, write_atomic
 
 FORMAT_VERSION = 1
 TOKENIZE_BATCH = 256  # documents per datasets.map batch (encode_batch parallelises across them)
@@ -159,17 +160,9 @@ def _remove_stale_temp_files(out: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    """tokenizer.json and meta.json: temp + fsync + rename (`train.fsutil.write_atomic`, same `.tmp-<pid>` names
+    as `_remove_stale_temp_files` expects), a failure as a one-line DataError naming the file."""
+    write_atomic(path, data, error=_write_error)
 
 
 def _build(cfg: DataConfig, out: Path, spec: dict, progress: bool) -> PreparedData:
@@ -261,7 +254,7 @@ def _write_split(ds, tokenizer, eos_id: int, dtype: np.dtype, path: Path, split:
     features = datasets.Features({"ids": datasets.List(datasets.Value(dtype.name)),
                                   "n_bytes": datasets.Value("int64"), "n_replaced": datasets.Value("int64")})
     tmp_arrow = path.with_name(f".{split}-tokens.tmp-{os.getpid()}.arrow")
-    tmp_bin = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp_bin = temp_path(path)  # `.<name>.tmp-<pid>`, as write_atomic names its temp files
     digest, totals = hashlib.sha256(), {"documents": 0, "tokens": 0, "bytes": 0, "replaced_chars": 0}
     try:
         with datasets_progress(progress):
@@ -281,6 +274,7 @@ def _write_split(ds, tokenizer, eos_id: int, dtype: np.dtype, path: Path, split:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_bin, path)
+        fsync_dir(path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
     finally:

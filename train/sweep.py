@@ -1,0 +1,246 @@
+"""The sweep file: its schema, `extends`, and the fairness rules on which keys a variant, a size or a tuning grid
+may change. Planning and running live in train/compare.py.
+
+A sweep file (configs/compare/*.yaml):
+
+    name: shakespeare-ffn          # runs go to runs/<name>/<variant>[-<size>][-<tuned value>]-s<seed>
+    base: ../shakespeare.yaml      # training config, relative to the sweep file
+    overrides: {train.max_steps: 400}   # optional, applied to every run
+    seeds: [0, 1, 2]
+    baseline: gelu                 # deltas, verdicts and the parameter match are against this variant
+    match_on: total                # total | active; a block class may insist on active (MoE)
+    param_tolerance: 0.02          # max relative difference to the baseline's count
+    variants:
+      gelu:   {model.ffn.type: dense, model.ffn.activation: gelu}
+      noffn:  {model.ffn.type: none, match: false}    # opts out of the parameter match
+    tune:                          # optional: per-variant tuning grid, chosen on the *tuning* validation blocks
+      train.lr: [1.0e-3, 2.0e-3, 4.0e-3]
+    sizes:                         # optional: a scaling ladder (model shapes; every variant at every size)
+      xs: {model.hidden_size: 64, model.num_hidden_layers: 2}
+      s:  {model.hidden_size: 96, model.num_hidden_layers: 3}
+    budget: {tokens_per_param: 20} # optional with sizes: train.max_tokens = r × the baseline's non-embedding params
+
+Optional: description, out_dir, match (sweep-wide), sample_count, and per variant family/description; `extends:
+other-sweep.yaml` reuses a sweep file, the keys given here replacing the parent's. Variant overrides may only touch
+the model (and harmless run mechanics, ALLOWED_VARIANT_KEYS), so every variant sees the same tokenizer, data order per
+seed, validation blocks, token budget, optimizer and schedule — except the values of the tuning grid, which each
+variant gets to choose for itself by the same rule.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from train.config import read_yaml
+from train.errors import ConfigError
+
+# Keys (besides model.*) a variant may change: they do not change what the model sees or how it is optimised.
+ALLOWED_VARIANT_KEYS = ("train.compile", "train.num_threads", "train.log_interval", "train.ckpt_interval",
+                        "train.keep_last")
+# model.* keys a variant may not change: they decide the tokenizer size and the tokens per sequence.
+FORBIDDEN_MODEL_KEYS = ("model.vocab_size", "model.max_seq_len")
+# Set by the sweep itself for every run; a sweep or command-line override of these is refused.
+SWEEP_OWNED_KEYS = ("name", "train.seed", "train.out_dir", "wandb.group")
+# Optimisation hyperparameters a tuning grid may search: each variant picks its own value by tuning loss.
+TUNABLE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2",
+                "train.eps", "train.grad_clip")
+# What a ladder size may set (the same for every variant at that size): the model's shape and the token budget.
+SIZE_KEYS = ("model.hidden_size", "model.num_hidden_layers", "model.num_attention_heads", "model.num_key_value_heads",
+             "train.max_steps", "train.max_tokens", "train.micro_batch_size", "train.grad_accum",
+             "train.warmup_steps", "train.eval_interval", "train.ckpt_interval")
+
+
+class VariantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    overrides: dict[str, Any] = {}
+    match: Optional[bool] = None  # None: the sweep's `match`; False: excluded from the parameter-match check
+    family: Optional[str] = None  # optional line label for the "final loss vs size" plots (e.g. gelu, swiglu)
+    description: Optional[str] = None
+
+
+class TuneSpec(BaseModel):
+    """grid: key -> candidate values (their cross product is tried); seed: the seed of the tuning runs (default the
+    sweep's first seed, so the tuning run at the chosen value is reused as that seed's run)."""
+    model_config = ConfigDict(extra="forbid")
+    grid: dict[str, list[Any]]
+    seed: Optional[int] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        # `tune: {train.lr: [..]}` is short for `tune: {grid: {train.lr: [..]}}`
+        if isinstance(value, dict) and "grid" not in value:
+            value = {"grid": {k: v for k, v in value.items() if k != "seed"}, "seed": value.get("seed")}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneSpec":
+        if not self.grid:
+            raise ValueError("tune: name at least one key, e.g. tune: {train.lr: [1.0e-3, 2.0e-3, 4.0e-3]}")
+        for key, values in self.grid.items():
+            if key not in TUNABLE_KEYS:
+                raise ValueError(f"tune: '{key}' cannot be tuned; tunable: {', '.join(TUNABLE_KEYS)}")
+            if len(values) < 2 or len(set(map(str, values))) != len(values):
+                raise ValueError(f"tune: {key} needs at least 2 distinct values, got {values}")
+        return self
+
+
+class BudgetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens_per_param: float  # train.max_tokens = tokens_per_param × the baseline's non-embedding params per size
+
+    @model_validator(mode="after")
+    def _check(self) -> "BudgetSpec":
+        if not 0 < self.tokens_per_param < 1e6:
+            raise ValueError(f"budget.tokens_per_param must be > 0, got {self.tokens_per_param}")
+        return self
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    base: str
+    description: Optional[str] = None
+    overrides: dict[str, Any] = {}
+    seeds: list[int] = [0]
+    baseline: str
+    match: bool = True  # parameter-match every variant (unless it opts out) against the baseline
+    match_on: Literal["total", "active"] = "total"
+    param_tolerance: float = 0.02
+    out_dir: Optional[str] = None  # default runs/<name>
+    sample_count: int = 2  # sample generations per variant shown in report.md
+    variants: dict[str, VariantSpec]
+    tune: Optional[TuneSpec] = None
+    sizes: Optional[dict[str, dict[str, Any]]] = None  # ladder, smallest first
+    budget: Optional[BudgetSpec] = None
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        # Keys that are not VariantSpec fields are overrides: `gelu: {model.ffn.type: dense}` is short for
+        # `gelu: {overrides: {model.ffn.type: dense}}`, and `{model.ffn.type: none, match: false}` mixes both.
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, spec in value.items():
+            spec = {} if spec is None else spec
+            if isinstance(spec, dict):
+                rest = {k: v for k, v in spec.items() if k not in VariantSpec.model_fields}
+                spec = {k: v for k, v in spec.items() if k in VariantSpec.model_fields}
+                if rest:
+                    over = spec.get("overrides") if isinstance(spec.get("overrides"), dict) else {}
+                    spec["overrides"] = {**over, **rest}
+            out[name] = spec
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain directory name, got {self.name!r}")
+        if not self.variants:
+            raise ValueError("variants: at least one variant is needed")
+        for name in [*self.variants, *(self.sizes or {})]:
+            if not name or "/" in name or name.startswith(".") or " " in name:
+                raise ValueError(f"variant/size name {name!r} must be a plain name (no '/', spaces or leading '.')")
+        if self.baseline not in self.variants:
+            raise ValueError(f"baseline '{self.baseline}' is not a variant; variants: {', '.join(self.variants)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be a non-empty list of distinct non-negative integers, got {self.seeds}")
+        if not 0 <= self.param_tolerance < 1:
+            raise ValueError(f"param_tolerance must be in [0, 1), got {self.param_tolerance}")
+        if self.sample_count < 0:
+            raise ValueError(f"sample_count must be >= 0, got {self.sample_count}")
+        if self.sizes is not None and not self.sizes:
+            raise ValueError("sizes: list at least one size, or leave the key out")
+        if self.budget is not None and not self.sizes:
+            raise ValueError("budget: only applies to a ladder (sizes:)")
+        if self.tune is not None and self.tune.seed is not None and self.tune.seed < 0:
+            raise ValueError(f"tune.seed must be >= 0, got {self.tune.seed}")
+        return self
+
+    def variant_matched(self, name: str) -> bool:
+        spec = self.variants[name]
+        return self.match if spec.match is None else spec.match
+
+    @property
+    def size_names(self) -> list[Optional[str]]:
+        return list(self.sizes) if self.sizes else [None]
+
+    @property
+    def tune_seed(self) -> Optional[int]:
+        if self.tune is None:
+            return None
+        return self.seeds[0] if self.tune.seed is None else self.tune.seed
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'ffn': {'type': 'moe'}}} -> {'model.ffn.type': 'moe'} (lists and scalars are leaves)."""
+    out = {}
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
+    """Parse and validate a sweep file; returns it and the resolved path of its base training config."""
+    path = Path(path)
+    data = _read_sweep_chain(path, ())
+    try:
+        sweep = SweepConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = " ".join(first["msg"].removeprefix("Value error, ").split())
+        if first["type"] == "extra_forbidden":
+            msg = f"unknown key (valid: {', '.join(SweepConfig.model_fields)})"
+        raise ConfigError(f"{path}: {loc + ': ' if loc else ''}{msg}") from None
+    base = (path.parent / sweep.base).resolve()
+    if not base.exists():
+        raise ConfigError(f"{path}: base training config not found: {base}")
+    for key in flatten(sweep.overrides):
+        check_sweep_key(key, f"{path}: overrides")
+    for name, spec in sweep.variants.items():
+        for key in flatten(spec.overrides):
+            _check_variant_key(key, f"{path}: variant '{name}'")
+    for name, over in (sweep.sizes or {}).items():
+        for key in flatten(over or {}):
+            if key not in SIZE_KEYS:
+                raise ConfigError(f"{path}: size '{name}' may not set '{key}'; allowed: {', '.join(SIZE_KEYS)}")
+        if sweep.budget is not None and {"train.max_steps", "train.max_tokens"} & set(flatten(over or {})):
+            raise ConfigError(f"{path}: size '{name}' sets its own budget and budget.tokens_per_param is given; "
+                              "use one or the other")
+    return sweep, base
+
+
+def _read_sweep_chain(path: Path, seen: tuple) -> dict:
+    """A sweep file may `extends: other.yaml` (relative): its top-level keys replace the parent's."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"'extends' cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    data = read_yaml(path)
+    if isinstance(data.get("base"), str):
+        data["base"] = str((path.parent / data["base"]).resolve())  # relative to the file that names it
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not (path.parent / parent).is_file():
+        raise ConfigError(f"{path}: extends: sweep file not found: {path.parent / str(parent)}")
+    return {**_read_sweep_chain(path.parent / parent, (*seen, path)), **data}
+
+
+def _check_variant_key(key: str, where: str) -> None:
+    if key in FORBIDDEN_MODEL_KEYS or not (key.startswith("model.") or key in ALLOWED_VARIANT_KEYS):
+        raise ConfigError(f"{where}: may not override '{key}' (variants share data, budget, optimizer, schedule and "
+                          f"seed); allowed: model.* except {', '.join(FORBIDDEN_MODEL_KEYS)}, "
+                          f"{', '.join(ALLOWED_VARIANT_KEYS)}")
+
+
+def check_sweep_key(key: str, where: str) -> None:
+    if key in SWEEP_OWNED_KEYS or key == "wandb.tags":
+        raise ConfigError(f"{where}: '{key}' is set by the sweep for each run (use seeds:/--seeds for the seed)")
