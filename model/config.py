@@ -11,7 +11,9 @@ from typing import Literal, Optional
 
 from model.registry import ffn_class
 
-Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "sigmoid", "identity"]  # model/ffn.py ACTIVATIONS
+# model/activations.py: the plain functions, the trainable activations, the GLU-only gpt-oss SwiGLU
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "leaky_relu2", "sigmoid", "identity",
+                     "xielu", "polyrelu", "polynorm", "swiglu_oss"]
 
 
 @dataclass
@@ -33,12 +35,25 @@ class FFNConfig:
     # Renormalise the top-k gate weights to sum to 1. Ignored when top_k == 1: the gate stays the router probability
     # (Switch Transformer), otherwise it would be the constant 1 and the router would get no gradient from the LM loss.
     norm_topk_prob: bool = True
-    balancing: Literal["aux_loss", "aux_free", "none"] = "aux_loss"  # z-loss applies whenever z_loss_coef > 0
+    # Balancing loss (model/moe_balance.py): aux_loss = Switch/GShard per micro-batch, seq_aux_loss = per sequence
+    # (DeepSeek-V3), global_aux_loss = f over all ranks and the step's micro-batches so far (Qwen); aux_free = the
+    # selection bias only, none = nothing. The z-loss applies whenever z_loss_coef > 0.
+    balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "aux_free", "none"] = "aux_loss"
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.001
-    # Tokens per expert are capped at capacity_factor · top_k · T / n_experts when set; null = no token dropping.
+    # Also move the aux-loss-free selection bias beside a balancing loss (DeepSeek-V3: sigmoid + bias + seq_aux_loss).
+    aux_free_bias: bool = False
+    # Tokens per expert are capped at capacity_factor · top_k · T / (n_experts + n_null_experts) when set; null = no
+    # token dropping.
     capacity_factor: Optional[float] = None
+    # Null experts (AdaMoE): extra router outputs that compute nothing, so a token may use fewer than top_k experts.
+    n_null_experts: int = 0
+    # Total width of the shared experts; null = n_shared_experts × the routed expert width. When set, the routed
+    # experts' derived width fills the rest of the matched budget (fine-tunes parameter matching).
+    shared_d_ff: Optional[int] = None
+    # Run directory of a finished dense (glu/dense) run to upcycle from at step 0 (train/upcycle.py).
+    upcycle_from: Optional[str] = None
 
     __pydantic_config__ = {"extra": "forbid"}
 

@@ -1,47 +1,35 @@
-"""Feed-forward blocks: the `FFNBlock` contract, the activations, and the `none`, `dense` and `glu` blocks.
+"""Feed-forward blocks: the `FFNBlock` contract and the `none`, `dense` and `glu` blocks. The activations live in
+model/activations.py (ACTIVATIONS and DENSE_ACTIVATIONS are re-exported here).
 
 Every FFN maps (..., D) -> (..., D). A block class answers, without being built, everything the rest of the code
 needs to know about its type (see `FFNBlock`); model/registry.py maps `model.ffn.type` names to classes. Blocks never
 import the registry or model/config.py (configs appear in type hints only). No biases anywhere (MiniMind / LLaMA).
 
 Parameter matching: the reference is a dense FFN of width 4·d, i.e. 8·d² parameters (`dense_ffn_params`). A block's
-`width` rule sizes it to that budget unless `model.ffn.d_ff` is given.
+`width` rule sizes it to that budget unless `model.ffn.d_ff` is given; a trainable activation's learned scalars count
+against it (`matched_width`'s `extra`).
 
 Shape suffixes: D hidden size, F inner width (`width`), `...` any leading dims.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from model.config import FFNConfig, MiniMindConfig
+from model.activations import (ACTIVATIONS, DENSE_ACTIVATIONS, GLU_ACTIVATIONS, NO_HF_EQUIVALENT,  # noqa: F401
+                               TRAINABLE_ACTIVATIONS, activation_params, identity, make_activation, relu2)
 
-
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    """Squared ReLU (So et al. 2021, "Primer")."""
-    return F.relu(x).square()
+# model.config.FFNConfig / MiniMindConfig, by duck typing: the blocks never import the config module (it asks the
+# registry, which imports the blocks), so annotations name them through these aliases.
+FFNConfig = MiniMindConfig = Any
 
 
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "silu": F.silu,
-    "relu2": relu2,
-    "sigmoid": torch.sigmoid,
-    "identity": identity,  # dense: a purely linear FFN; glu: the Bilinear variant
-}
-# sigmoid is a gate: as the only non-linearity of an ungated FFN it is refused (the GLU family takes every activation)
-DENSE_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "sigmoid")
+# What the dense and GLU blocks accept: the plain functions (the dense block without the sigmoid gate), the trainable
+# activations, and for GLU the gate-and-up functions
+DENSE_BLOCK_ACTIVATIONS = (*DENSE_ACTIVATIONS, *TRAINABLE_ACTIVATIONS)
+GLU_BLOCK_ACTIVATIONS = (*ACTIVATIONS, *TRAINABLE_ACTIVATIONS, *GLU_ACTIVATIONS)
 
 
 def dense_ffn_params(hidden_size: int) -> int:
@@ -53,16 +41,25 @@ def round_to(x: float, multiple: int) -> int:
     return max(multiple, int(round(x / multiple)) * multiple)
 
 
-def matched_width(ffn: FFNConfig, hidden_size: int, matrices: int) -> int:
-    """`d_ff` when given, else the width at which `matrices` D×F matrices hold the dense FFN's 8·d² parameters."""
+def matched_width(ffn: FFNConfig, hidden_size: int, matrices: int, extra: int = 0) -> int:
+    """`d_ff` when given, else the width at which `matrices` D×F matrices plus `extra` other parameters (learned
+    activation scalars) hold the dense FFN's 8·d² parameters."""
     if ffn.d_ff is not None:
         return ffn.d_ff
-    return round_to(dense_ffn_params(hidden_size) / (matrices * hidden_size), ffn.multiple_of)
+    return round_to((dense_ffn_params(hidden_size) - extra) / (matrices * hidden_size), ffn.multiple_of)
 
 
 def check_activation(key: str, activation: str, valid: tuple[str, ...], what: str) -> None:
     if activation not in valid:
         raise ValueError(f"model.ffn.{key} '{activation}' is not valid for {what}; valid: {', '.join(valid)}")
+
+
+def refuse_inexact_activation(ffn: FFNConfig) -> None:
+    """ValueError when transformers has no activation identical to `ffn.activation` (see NO_HF_EQUIVALENT)."""
+    why = NO_HF_EQUIVALENT.get(ffn.activation)
+    if why is not None:
+        raise ValueError(f"model.ffn.activation={ffn.activation} ({ffn.type}) has no exact transformers equivalent: "
+                         f"{why}")
 
 
 class FFNBlock(nn.Module):
@@ -156,20 +153,21 @@ class DenseFFN(FFNBlock):
     def __init__(self, dim: int, d_ff: int, activation: str):
         super().__init__()
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)  # a module (registered, with its learned scalars) or a function
         self.up_proj = nn.Linear(dim, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, dim, bias=False)
 
     @classmethod
     def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
-        return matched_width(ffn, hidden_size, cls.matrices)  # 4·d
+        return matched_width(ffn, hidden_size, cls.matrices, activation_params(ffn.activation))  # 4·d
 
     @classmethod
     def validate(cls, ffn: FFNConfig) -> None:
-        check_activation("activation", ffn.activation, DENSE_ACTIVATIONS, "a dense FFN")
+        check_activation("activation", ffn.activation, DENSE_BLOCK_ACTIVATIONS, "a dense FFN")
 
     @classmethod
     def hf_export(cls, ffn: FFNConfig) -> dict:
+        refuse_inexact_activation(ffn)  # the activation's own reason first (xIELU: why not Apertus)
         raise ValueError(f"model.ffn.type=dense (ungated W_down·{ffn.activation}(W_up·x)) has no exact transformers "
                          f"equivalent: LlamaMLP always multiplies by a gate (act(gate·x)·(up·x)), and the ungated "
                          f"families (GPT-2, GPT-NeoX, ...) use LayerNorm/biases; only GLU and MoE variants export")
@@ -184,27 +182,31 @@ class DenseFFN(FFNBlock):
 
 class GLUFFN(FFNBlock):
     """W_down · (act(W_gate · x) ⊙ W_up · x) (Shazeer 2020). Gate and up are one fused matmul (x-transformers style):
-    one larger GEMM is faster than two, and the parameters are the same."""
+    one larger GEMM is faster than two, and the parameters are the same. A GLU activation (GLU_ACTIVATIONS, e.g.
+    gpt-oss's clamped SwiGLU `swiglu_oss`) replaces the whole act(gate) ⊙ up."""
 
     matrices: ClassVar[int] = 3  # gate, up, down: the width is 2/3 of the dense one (8·d²/3d)
 
     @classmethod
     def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
-        return matched_width(ffn, hidden_size, cls.matrices)
+        return matched_width(ffn, hidden_size, cls.matrices, activation_params(ffn.activation))
 
     def __init__(self, dim: int, d_ff: int, activation: str):
         super().__init__()
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
+        # f(gate, up) for a GLU that changes the up half too (gpt-oss); else act(gate) · up
+        self.glu = GLU_ACTIVATIONS.get(activation)
+        self.act = make_activation(activation) if self.glu is None else None
         self.gate_up_proj = nn.Linear(dim, 2 * d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, dim, bias=False)
 
     @classmethod
     def validate(cls, ffn: FFNConfig) -> None:
-        check_activation("activation", ffn.activation, tuple(ACTIVATIONS), "a GLU FFN")
+        check_activation("activation", ffn.activation, GLU_BLOCK_ACTIVATIONS, "a GLU FFN")
 
     @classmethod
     def hf_export(cls, ffn: FFNConfig) -> dict:
+        refuse_inexact_activation(ffn)
         # LlamaMLP computes down(act(gate(x)) * up(x)): our block exactly (gate = the first half of gate_up_proj)
         return {"architecture": "llama", "activation": ffn.activation}
 
@@ -219,4 +221,6 @@ class GLUFFN(FFNBlock):
 
     def forward(self, x_D: torch.Tensor) -> torch.Tensor:
         gate_F, up_F = self.gate_up_proj(x_D).chunk(2, dim=-1)
+        if self.glu is not None:
+            return self.down_proj(self.glu(gate_F, up_F))
         return self.down_proj(self.act(gate_F) * up_F)

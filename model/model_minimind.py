@@ -288,12 +288,13 @@ class MiniMindForCausalLM(nn.Module):
         for moe in self.moe_layers():
             moe.reset_expert_load()
 
-    def update_router_bias(self) -> None:
-        """Every sub-module's after_optimizer_step() (MoE: the aux-loss-free bias); call once per optimizer step.
-        The trainer runs the same loop itself; this stays for train/bench.py until it does too."""
+    def after_optimizer_step(self, skipped: bool = False) -> None:
+        """Every sub-module's per-step hook, once per optimizer step (MoE: the aux-loss-free bias from the global
+        batch's load, all-reduced inside the block so every rank's bias stays the same; a skipped step drops its
+        routing counts). Same modules, same order, same `skipped` on every rank."""
         for module in self.modules():
             if module is not self and hasattr(module, "after_optimizer_step"):
-                module.after_optimizer_step()
+                module.after_optimizer_step(skipped=skipped)
 
 
 def sample_next_token(logits_BV, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):

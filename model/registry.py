@@ -10,15 +10,14 @@ Imports go one way: model/config.py -> this module -> the blocks (which never im
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch.nn as nn
 
 from model.ffn import GLUFFN, DenseFFN, NoFFN
 from model.moe import MoEFFN
 
-if TYPE_CHECKING:
-    from model.config import MiniMindConfig
+MiniMindConfig = Any  # model.config.MiniMindConfig; not imported: model/config.py imports this module
 
 FFN_REGISTRY: dict[str, type] = {
     "none": NoFFN,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-import model.moe as moe_module
+import model.moe_experts as experts_module
 from model.config import FFNConfig
 from model.moe import MoEFFN
 
@@ -35,13 +35,16 @@ def expert_forward(moe: MoEFFN, e: int, x_D: torch.Tensor) -> torch.Tensor:
 
 
 def naive_moe(moe: MoEFFN, x_ND: torch.Tensor) -> torch.Tensor:
-    """Token by token, expert by expert (no sorting, no grouping, no capacity limit; differentiable)."""
+    """Token by token, expert by expert (no sorting, no grouping, no capacity limit; differentiable). A null expert
+    (index >= n_experts) adds nothing."""
     _, _, expert_NK, weight_NK = moe.router(x_ND)
     rows = []
     for n in range(x_ND.shape[0]):
         out_D = torch.zeros_like(x_ND[n])
         for k in range(moe.top_k):
-            out_D = out_D + weight_NK[n, k] * expert_forward(moe, int(expert_NK[n, k]), x_ND[n])
+            e = int(expert_NK[n, k])
+            if e < moe.n_experts:
+                out_D = out_D + weight_NK[n, k].to(x_ND.dtype) * expert_forward(moe, e, x_ND[n])
         if moe.shared_experts is not None:
             out_D = out_D + moe.shared_experts(x_ND[n])
         rows.append(out_D)
@@ -59,6 +62,6 @@ def use_path(monkeypatch, path: str) -> None:
     it), "grouped" keeps the default, which picks grouped_mm wherever it works (the caller checks grouped_mm_ok)."""
     assert path in ("grouped", "loop")
     if path == "loop":
-        monkeypatch.setattr(moe_module, "_GROUPED_MM", None)
+        monkeypatch.setattr(experts_module, "_GROUPED_MM", None)
     else:
-        monkeypatch.setattr(moe_module, "_GROUPED_MM", torch.nn.functional.grouped_mm)
+        monkeypatch.setattr(experts_module, "_GROUPED_MM", torch.nn.functional.grouped_mm)

@@ -305,3 +305,29 @@ def test_the_allowed_keys_are_train_keys():
     assert (RESUMABLE_TRAIN_KEYS | set(BUDGET_KEYS)) < set(TrainConfig.model_fields)
     assert not {"seed", "lr", "min_lr", "micro_batch_size", "grad_accum", "dtype", "eval_tokens"} & \
         RESUMABLE_TRAIN_KEYS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact resume under train.optimizer=muon (Muon + AdamW state, MoE expert stacks: per-expert momentum buffers)
+
+def test_exact_resume_under_muon_is_bitwise(tiny_data_cache, tmp_path):
+    from train.config import load_config
+    from train.trainer import TrainingInterrupted, train
+
+    def tiny(out, *overrides):
+        return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+                           [f"data.cache_dir={tiny_data_cache}", f"train.out_dir={out}", "train.optimizer=muon",
+                            "train.muon_lr=0.004", "model.ffn.type=moe", "train.max_steps=10",
+                            "train.log_interval=2", "train.eval_interval=10", "train.ckpt_interval=10",
+                            "train.sample_max_new_tokens=2", "wandb.mode=disabled", *overrides])
+
+    train(tiny(tmp_path / "full"))
+    with pytest.raises(TrainingInterrupted, match="at step 4"):
+        train(tiny(tmp_path / "run", "train.stop_at_step=4"))
+    assert set(torch.load(tmp_path / "run" / "state.pt", weights_only=True)["optimizer"]) == {"muon", "adamw"}
+    train(tiny(tmp_path / "run"))  # the same command again resumes
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "run")]
+    same = [[(r["type"], r["step"], r.get("loss"), r.get("lr"), r.get("val_loss")) for r in rs] for rs in rows]
+    assert same[0] == same[1]

@@ -52,7 +52,7 @@ def random_ids(seed, shape):
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("our_name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("our_name", sorted(HF_ACTIVATIONS))  # activations without an HF twin are refused on export
 def test_activation_table_is_exact(our_name):
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4
     assert torch.equal(ACT2FN[HF_ACTIVATIONS[our_name]](x), ACTIVATIONS[our_name](x))

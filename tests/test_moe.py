@@ -259,8 +259,12 @@ def test_aux_free_counts_are_all_reduced_under_torch_distributed(monkeypatch):
     moe(torch.randn(1, 8, D))
     moe.after_optimizer_step()
     assert len(calls) == 1 and calls[0].sum() == 8
-    make_moe(balancing="aux_loss").train().after_optimizer_step()  # nothing to agree on: no collective
-    assert len(calls) == 1
+    other = make_moe(balancing="aux_loss").train()  # the load is all-reduced too (MaxVio is the global batch's) ...
+    other(torch.randn(1, 8, D))
+    other.after_optimizer_step()
+    assert len(calls) == 2 and other.router.selection_bias.abs().sum() == 0  # ... but no bias moves
+    other.after_optimizer_step(skipped=True)  # every rank skips the same step: no collective
+    assert len(calls) == 2
 
 
 def test_the_block_class_answers_for_its_type():

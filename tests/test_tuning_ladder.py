@@ -61,7 +61,7 @@ def test_selection_reads_tuning_losses_never_reporting_blocks(base, tmp_path, mo
     path = sweep(tmp_path, tune={"train.lr": [1.0e-3, 4.0e-3]})
     plan = plan_sweep(path)
     tuning = [r for r in plan.runs if r.tuning]
-    assert len(tuning) == 4 and plan.pending == 4 and not [r for r in plan.runs if not r.tuning]
+    assert len(tuning) == 4 and plan.pending == 2 and not [r for r in plan.runs if not r.tuning]
     for r in tuning:
         low = r.point["train.lr"] == 1.0e-3
         fake_final(r.cfg.out_dir, 4, val_loss=5.0 if low else 4.0, tune_loss=4.0 if low else 5.0)
@@ -119,7 +119,7 @@ def test_tiny_ladder_with_tuning_end_to_end(base, tmp_path, capsys):
              "m": {"model.hidden_size": 64, "model.num_attention_heads": 2, "model.num_key_value_heads": 1}}
     path = sweep(tmp_path, sizes=sizes, budget={"tokens_per_param": 0.05}, tune={"train.lr": [2.0e-3, 4.0e-3]})
     plan = plan_sweep(path)
-    assert len(plan.runs) == 2 * 3 * 2 and plan.pending == 2 * 3 * 2  # tuning first, the seeds after selection
+    assert len(plan.runs) == 2 * 3 * 2 and plan.pending == 2 * 3 * 1  # tuning first, seed 1 after selection
     budgets = {s: plan.ladder[s]["gelu"].cfg.train.max_tokens for s in sizes}
     assert budgets["xs"] < budgets["s"] < budgets["m"]
     assert all(plan.ladder[s]["swiglu"].cfg.train.max_tokens == budgets[s] for s in sizes)  # same budget per size
@@ -155,3 +155,45 @@ def test_tiny_ladder_with_tuning_end_to_end(base, tmp_path, capsys):
     from train.estimate import format_plan
     text = format_plan(plan_sweep(path), 1e10, "test")
     assert "18 runs = 2 variants × 3 sizes × (2 grid points + 1 more seeds)" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A second factor crossed with the variants
+
+def test_rank_agreement_on_synthetic_rankings():
+    from train.stats import rank_agreement
+    same = rank_agreement({"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 0.5, "b": 0.6, "c": 0.9})
+    assert same["kendall_tau"] == pytest.approx(1.0) and same["order_flips"] == []
+    one_swap = rank_agreement({"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.0, "b": 3.0, "c": 2.0})
+    assert one_swap["kendall_tau"] == pytest.approx(1 / 3) and one_swap["order_flips"] == [["b", "c"]]
+    reversed_ = rank_agreement({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0})
+    assert reversed_["kendall_tau"] == pytest.approx(-1.0) and len(reversed_["order_flips"]) == 6
+    assert rank_agreement({"a": 1.0}, {"a": 2.0, "b": 1.0})["kendall_tau"] is None  # one common variant
+
+
+def test_factor_sweep_plans_every_level_and_reports_agreement(base, tmp_path):
+    path = sweep(tmp_path, seeds=[0], factors={"train.weight_decay": [0.0, 0.1]})
+    plan = plan_sweep(path)
+    assert len(plan.runs) == 2 * 2 * 1  # variants × levels × seeds
+    names = sorted(r.name for r in plan.runs)
+    assert names == ["gelu-weight_decay0-s0", "gelu-weight_decay0.1-s0", "swiglu-weight_decay0-s0",
+                     "swiglu-weight_decay0.1-s0"]
+    assert {r.cfg.train.weight_decay for r in plan.runs} == {0.0, 0.1}
+    with pytest.raises(ConfigError, match="is a factor of the sweep"):
+        plan_sweep(path, ["train.weight_decay=0.5"])
+    with pytest.raises(ConfigError, match="'train.seed' cannot be a factor"):
+        plan_sweep(sweep(tmp_path, factors={"train.seed": [0, 1]}))
+    doc = run_sweep(plan, command="pytest")
+    assert [lv["level"] for lv in doc["levels"]] == ["weight_decay0", "weight_decay0.1"]
+    for lv in doc["levels"]:  # each level ranks its own runs
+        runs = {r["name"]: r["runs"] for r in lv["variants"]}
+        assert all(f"-{lv['level']}-s0" in runs[name][0] for name in runs)
+    (agree,) = doc["agreement"]
+    means = [{r["name"]: r["val_loss_mean"] for r in lv["variants"]} for lv in doc["levels"]]
+    same_order = (means[0]["gelu"] - means[0]["swiglu"]) * (means[1]["gelu"] - means[1]["swiglu"]) > 0
+    assert agree["levels"] == ["weight_decay0", "weight_decay0.1"] and agree["n"] == 2
+    assert agree["kendall_tau"] == pytest.approx(1.0 if same_order else -1.0)
+    assert agree["order_flips"] == ([] if same_order else [["gelu", "swiglu"]]) or agree["order_flips"] == \
+        ([] if same_order else [["swiglu", "gelu"]])
+    md = (tmp_path / "runs" / "ladder" / "report.md").read_text()
+    assert "Rankings by factor level" in md and "Kendall τ" in md

@@ -289,7 +289,7 @@ def train_step(v: Variant, rt) -> None:
     float(torch.nn.utils.clip_grad_norm_(v.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
     float(loss_sum)
     v.optimizer.step()
-    v.model.update_router_bias()
+    v.model.after_optimizer_step()
     v.optimizer.zero_grad(set_to_none=True)
     _sync(device)
     opt = time.perf_counter() - t0

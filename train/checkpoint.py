@@ -13,6 +13,12 @@ A checkpoint is written into `checkpoints/.tmp-...`, fsynced, its manifest writt
 a directory named `step_*` is always complete; a kill at any moment leaves at worst a stale temp directory. Loading
 verifies sizes and hashes and falls back to the previous checkpoint when one is damaged. Nothing here unpickles
 arbitrary objects: weights come from safetensors, state from `torch.load(weights_only=True)`.
+
+A model sharded with FSDP2 (train.parallel=fsdp) writes the same files as a single process: `model_state` gathers
+the full fp32 weights onto rank 0's CPU (torch.distributed.checkpoint's get_model_state_dict, same names, a tied
+embedding stored once) and `optimizer_state` the optimizer's own state_dict with every sharded moment made whole, so
+a checkpoint loads in one process, exports to transformers and resumes under any world size. `load_weights` and
+`load_optimizer_state` shard them again (set_model_state_dict; the moments cut like their parameters).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -69,13 +76,40 @@ def _sha256_file(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Weights
 
-def weights_to_bytes(model: torch.nn.Module, metadata: Optional[dict] = None) -> bytes:
-    """The model's state dict as safetensors bytes (fp32 params as they are). Tied tensors are stored once; the
-    metadata key `aliases` (JSON) maps each dropped name to the stored one."""
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was sharded with FSDP2's fully_shard (its parameters are DTensor shards). Imports nothing:
+    a process that never loaded torch.distributed.fsdp has no sharded model."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The full state dict with the single-process names: `model.state_dict()`, or for an FSDP2 model the full fp32
+    tensors gathered onto rank 0's CPU ({} on the other ranks; a collective: every rank must call it, in step).
+    The gathered copies of a tied parameter (embedding / LM head) are made one tensor again, so `weights_to_bytes`
+    stores it once under the same name as a single process does."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    tensors = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        target = first.setdefault(id(p), name)
+        if target != name and target in tensors and name in tensors:
+            tensors[name] = tensors[target]
+    return tensors
+
+
+def weights_to_bytes(model: torch.nn.Module, metadata: Optional[dict] = None,
+                     state_dict: Optional[dict] = None) -> bytes:
+    """The model's state dict (or `state_dict`, e.g. `model_state`'s gathered one) as safetensors bytes (fp32 params
+    as they are). Tied tensors are stored once; the metadata key `aliases` (JSON) maps each dropped name to the stored
+    one."""
     from safetensors.torch import save
 
     tensors, aliases, seen = {}, {}, {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
@@ -105,10 +139,69 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         if target in tensors:
             tensors[name] = tensors[target]
     try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
+        if is_sharded(model):  # every rank holds the full tensors and keeps its own shard (a collective)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"weights in {path} do not fit the model: {' '.join(first[:2])[:300]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer state of a sharded model
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers behind `optimizer`: itself, or those a combined optimizer holds as attributes."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    return [v for v in vars(optimizer).values() if isinstance(v, torch.optim.Optimizer)]
+
+
+def optimizer_state(optimizer, model: torch.nn.Module) -> dict:
+    """`optimizer.state_dict()`, the format a single process saves and loads (parameters by index). For an FSDP2
+    model every DTensor in it (the moments of sharded parameters) is gathered whole onto rank 0's CPU, one tensor at
+    a time; the other ranks get the same structure with None in those places (a collective: every rank calls it)."""
+    state = optimizer.state_dict()
+    if not is_sharded(model):
+        return state
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    keep = dist.get_rank() == 0
+
+    def full(obj):
+        if isinstance(obj, DTensor):
+            t = obj.full_tensor()
+            return t.cpu() if keep else None
+        if isinstance(obj, dict):
+            return {k: full(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(full(v) for v in obj)
+        return obj
+
+    return full(state)
+
+
+def load_optimizer_state(optimizer, state: dict, model: torch.nn.Module) -> None:
+    """`optimizer.load_state_dict(state)` for a state from `optimizer_state` (or any single-process checkpoint); for
+    an FSDP2 model each loaded tensor shaped like its DTensor parameter is then cut into that parameter's shard
+    (every rank holds the full state; no communication)."""
+    optimizer.load_state_dict(state)
+    if not is_sharded(model):
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for opt in _torch_optimizers(optimizer):
+        for param, values in opt.state.items():
+            if not isinstance(param, DTensor):
+                continue
+            for key, value in values.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.shape:
+                    values[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                                    src_data_rank=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,8 +248,9 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, config: dict,
-                    keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, point the top-level files at it, keep the newest `keep_last`.
+                    keep_last: int, tensors: Optional[dict] = None) -> Path:
+    """Write checkpoint `step` atomically, point the top-level files at it, keep the newest `keep_last`. `tensors`:
+    the state dict to write instead of `model.state_dict()` (`model_state`'s, gathered from an FSDP2 model).
 
     Any failure to write leaves every existing checkpoint untouched and raises CheckpointError(path, cause).
     """
@@ -169,7 +263,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         # rather than open a window in which no complete checkpoint of this step exists.
         return _finish_save(run_dir, final, step, keep_last)
     try:
-        weights = weights_to_bytes(model, {"step": step})
+        weights = weights_to_bytes(model, {"step": step}, tensors)
         buf = io.BytesIO()
         torch.save(state, buf)
         state_bytes = buf.getvalue()

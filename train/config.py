@@ -97,6 +97,10 @@ class TrainConfig(_Section):
     # else fp32 (bf16 matmuls are emulated and ~10x slower on AVX2-only CPUs). fp16 (with a GradScaler) is CUDA-only.
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     compile: bool = False
+    # Under torchrun: ddp (DistributedDataParallel, a whole model per rank) or fsdp (FSDP2: parameters, gradients and
+    # optimizer state sharded across ranks; train/runtime.py). Same global batch and checkpoint files either way; a
+    # single process ignores it.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     num_threads: Optional[int] = None  # CPU intra-op threads; null = torch's default
     micro_batch_size: int = 16
     grad_accum: int = 1
@@ -110,6 +114,11 @@ class TrainConfig(_Section):
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1.0e-8
+    # adamw: AdamW on everything. muon: torch's Muon on the hidden matrices (attention, FFN, expert stacks per
+    # expert), AdamW on embeddings/LM head, norms, routers and vectors (train/optim.py). The muon_* keys only act there.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: Optional[float] = None  # Muon's peak lr, same schedule; null = train.lr (match_rms_adamw: one scale)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # 0 disables
     log_interval: int = 10
     eval_interval: int = 100
@@ -152,6 +161,13 @@ class TrainConfig(_Section):
                 raise ValueError(f"train.{key} must be > 0 or null, got {value}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.muon_lr is not None and self.muon_lr <= 0:
+            raise ValueError(f"train.muon_lr must be > 0 or null (= train.lr), got {self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.parallel == "fsdp" and self.dtype == "fp16":
+            raise ValueError("train.parallel=fsdp does not take train.dtype=fp16 (the fp16 GradScaler path is not "
+                             "built for sharded gradients here); use bf16 or fp32, or train.parallel=ddp")
         if self.sample_temperature < 0:
             raise ValueError(f"train.sample_temperature must be >= 0 (0 = greedy), got {self.sample_temperature}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:

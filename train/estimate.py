@@ -61,6 +61,7 @@ def format_plan(plan, rate: float, rate_label: str) -> str:
     t = cfg.train
     sizes = sweep.size_names
     points = grid_points(sweep)
+    n_levels = len(sweep.levels)
     lines = [f"sweep '{sweep.name}' ({plan.sweep_path}) -> {plan.out_dir}/",
              f"base config {plan.base_path}; baseline '{sweep.baseline}'; parameters matched on {sweep.match_on} "
              f"(sparse blocks on active) within {sweep.param_tolerance:.0%}",
@@ -72,6 +73,9 @@ def format_plan(plan, rate: float, rate_label: str) -> str:
         lines.append(f"tuning: {grid} ({len(points)} points) per variant{' and size' if sweep.sizes else ''} at seed "
                      f"{sweep.tune_seed}, chosen by the tuning validation blocks; then seeds {plan.seeds} at the "
                      "chosen point (the tuning run is reused for its seed)")
+    if sweep.factors:
+        lines.append("factor levels (each a sub-sweep: variants ranked, tuned and judged within it): "
+                     + "; ".join(f"{k} ∈ {v}" for k, v in sweep.factors.items()))
     if any(i.vocab_estimated for infos in plan.ladder.values() for i in infos.values()):
         lines.append(f"(counts use vocab_size={model_vocab(cfg)[0]} from data.tokenizer.vocab_size; the trained "
                      "tokenizer can end up slightly smaller, which changes only the embedding, equally for all)")
@@ -91,15 +95,15 @@ def format_plan(plan, rate: float, rate_label: str) -> str:
             else:
                 match = f"{info.matched_on} {info.rel_diff:+.2%}"
             sec = estimate_seconds(info, rate)
-            runs_here = per_variant_runs if info.name in chosen else 0
+            runs_here = per_variant_runs * n_levels if info.name in chosen else 0
             total_s += sec * runs_here
             ffn = info.cfg.model.ffn
             line = (f"{size or '-':<8}{info.name:<16}{ffn_class(ffn.type).label(ffn):<26}{c['total']:>12,}"
                     f"{c['active']:>12,}{c['non_embedding']:>12,}{info.flops_per_token:>12,}"
                     f"{run_tokens(info.cfg):>12,}{match:>16}{sec:>9.0f}s")
             lines.append(line + ("" if runs_here else "  (reference only, not run)"))
-    n_runs = len(chosen) * len(sizes) * per_variant_runs
-    shape = (f"{len(chosen)} variants × {len(sizes)} sizes × "
+    n_runs = len(chosen) * len(sizes) * n_levels * per_variant_runs
+    shape = (f"{len(chosen)} variants × {len(sizes)} sizes × " + (f"{n_levels} factor levels × " if sweep.factors else "")
              + (f"({len(points)} grid points + {per_variant_runs - len(points)} more seeds)" if sweep.tune
                 else f"{len(plan.seeds)} seeds"))
     lines += ["", f"{n_runs} runs = {shape}",

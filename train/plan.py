@@ -30,10 +30,15 @@ class PlannedRun:
     point: dict = field(default_factory=dict)  # the tuning-grid values of this run ({} without tuning)
     tuning: bool = False  # a run of the tuning grid (read by selection, through its tune_loss only)
     reported: bool = True  # a run the report's tables use (without tuning: all; with: the chosen point's seeds)
+    level: dict = field(default_factory=dict)  # the factor level of this run ({} without factors)
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def level_name(self) -> Optional[str]:
+        return tag(self.level) or None
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Selection:
     """The tuning outcome of one variant at one size: every grid point's tuning loss and the chosen one."""
     variant: str
     size: Optional[str]
+    level: Optional[str]
     points: list[dict]
     tune_losses: list[Optional[float]]  # None: not finished (or diverged)
     chosen: Optional[int] = None  # index into points
@@ -72,8 +78,8 @@ class SweepPlan:
     reference_runs: list[PlannedRun] = field(default_factory=list)  # the baseline's, when --variants leaves it out
     ladder: dict[Optional[str], dict[str, VariantInfo]] = field(default_factory=dict)  # size -> variant -> info
     seeds: list[int] = field(default_factory=list)
-    selections: dict[tuple[str, Optional[str]], Selection] = field(default_factory=dict)
-    pending: int = 0  # final runs that wait for their variant's tuning
+    selections: dict[tuple, Selection] = field(default_factory=dict)  # (variant, size, level name) -> tuning
+    pending: int = 0  # final runs not planned yet: they wait for their variant's tuning
 
     @property
     def all_runs(self) -> list[PlannedRun]:
@@ -95,10 +101,15 @@ def grid_points(sweep: SweepConfig) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(sweep.tune.grid[k] for k in keys))]
 
 
-def run_name(variant: str, size: Optional[str], point: dict, seed: int) -> str:
-    tag = "-".join(f"{k.split('.')[-1]}{v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}{v}"
-                   for k, v in point.items())
-    return "-".join(p for p in (variant, size, tag) if p) + f"-s{seed}"
+def tag(values: dict) -> str:
+    """A short name part for a tuning point or factor level: {train.lr: 0.002} -> lr0.002, {train.optimizer: muon}
+    -> muon."""
+    return "-".join(v if isinstance(v, str) else f"{k.split('.')[-1]}{v:g}" if isinstance(v, float)
+                    else f"{k.split('.')[-1]}{v}" for k, v in values.items())
+
+
+def run_name(variant: str, size: Optional[str], point: dict, seed: int, level: Optional[dict] = None) -> str:
+    return "-".join(p for p in (variant, size, tag(level or {}), tag(point)) if p) + f"-s{seed}"
 
 
 def plan_sweep(sweep_path: str | Path, cli_overrides: list[str] = (), variants: Optional[list[str]] = None,
@@ -112,6 +123,8 @@ def plan_sweep(sweep_path: str | Path, cli_overrides: list[str] = (), variants: 
         check_sweep_key(key, "command line")
         if key in tuned:
             raise ConfigError(f"command line: '{key}' is tuned by the sweep (tune:); change the grid instead")
+        if key in (sweep.factors or {}):
+            raise ConfigError(f"command line: '{key}' is a factor of the sweep (factors:); change its levels instead")
     chosen = list(sweep.variants)
     if variants:
         unknown = [v for v in variants if v not in sweep.variants]
@@ -129,11 +142,12 @@ def plan_sweep(sweep_path: str | Path, cli_overrides: list[str] = (), variants: 
         plan.ladder[size] = {}
         for variant in everyone:
             target = plan.runs if variant in chosen else plan.reference_runs
-            if sweep.tune is None:
-                target += [_planned(plan, variant, size, size_over, {}, s) for s in run_seeds]
-            else:
-                target += [replace(_planned(plan, variant, size, size_over, p, sweep.tune_seed), tuning=True,
-                                   reported=False) for p in grid_points(sweep)]
+            for level in sweep.levels:
+                if sweep.tune is None:
+                    target += [_planned(plan, variant, size, size_over, {}, s, level) for s in run_seeds]
+                else:
+                    target += [replace(_planned(plan, variant, size, size_over, p, sweep.tune_seed, level),
+                                       tuning=True, reported=False) for p in grid_points(sweep)]
             first = next(r for r in target if r.variant == variant and r.size == size)
             plan.ladder[size][variant] = _variant_info(sweep, variant, first.cfg, size)
         check_param_match(plan, plan.ladder[size], size)
@@ -173,19 +187,21 @@ def _load(plan: SweepPlan, variant: str, middle: list[str], name: str, seed: int
 
 
 def _planned(plan: SweepPlan, variant: str, size: Optional[str], size_over: list[str], point: dict,
-             seed: int) -> PlannedRun:
-    name = run_name(variant, size, point, seed)
+             seed: int, level: dict) -> PlannedRun:
+    name = run_name(variant, size, point, seed, level)
+    over = size_over + [_as_override(k, v) for k, v in level.items()]
     point_over = [_as_override(k, v) for k, v in point.items()]
     if "train.lr" in point and "train.min_lr" not in point:
         # keep the base schedule's min_lr / lr ratio, so a smaller lr never ends below min_lr
-        ref = _load(plan, variant, size_over, name, seed).train
+        ref = _load(plan, variant, over, name, seed).train
         point_over.append(_as_override("train.min_lr", point["train.lr"] * ref.min_lr / ref.lr))
-    return PlannedRun(variant, seed, _load(plan, variant, size_over + point_over, name, seed), size, dict(point))
+    return PlannedRun(variant, seed, _load(plan, variant, over + point_over, name, seed), size, dict(point),
+                      level=dict(level))
 
 
 def check_shared(plan: SweepPlan) -> None:
     """Belt and braces over the key filter: everything but the model, run mechanics and the tuned values must be
-    equal across variants for each (size, seed)."""
+    equal across variants for each (size, factor level, seed)."""
     skip = set(ALLOWED_VARIANT_KEYS) | {"train.out_dir", "name"}
     if plan.sweep.tune:
         skip |= set(plan.sweep.tune.grid) | ({"train.min_lr"} if "train.lr" in plan.sweep.tune.grid else set())
@@ -194,7 +210,7 @@ def check_shared(plan: SweepPlan) -> None:
         d = flatten(run.cfg.to_dict())
         shared = {k: v for k, v in d.items() if (k.split(".")[0] in ("data", "train") or k in FORBIDDEN_MODEL_KEYS)
                   and k not in skip}
-        other, ref = first.setdefault((run.size, run.seed), (run.variant, shared))
+        other, ref = first.setdefault((run.size, run.level_name, run.seed), (run.variant, shared))
         diff = sorted(k for k in set(ref) | set(shared) if ref.get(k) != shared.get(k))
         if diff:
             raise ConfigError(f"{plan.sweep_path}: variants '{other}' and '{run.variant}' differ in shared settings "
@@ -275,36 +291,36 @@ def tune_loss_of(run: PlannedRun) -> Optional[float]:
 
 
 def resolve_selection(plan: SweepPlan, failed: frozenset = frozenset()) -> None:
-    """Choose a grid point for every (variant, size) whose tuning runs are all finished (or failed) and plan that
-    point's runs for every seed (the tuning run itself is reused for the tuning seed)."""
+    """Choose a grid point for every (variant, size, factor level) whose tuning runs are all finished (or failed)
+    and plan that point's runs for every seed (the tuning run itself is reused for the tuning seed)."""
     if plan.sweep.tune is None:
         return
     plan.pending = 0
     for target in (plan.runs, plan.reference_runs):
-        for (variant, size), runs in _group_tuning(target).items():
+        for (variant, size, level_name), runs in _group_tuning(target).items():
             losses = [None if r.name in failed else tune_loss_of(r) for r in runs]
-            sel = Selection(variant, size, [r.point for r in runs], losses)
-            plan.selections[(variant, size)] = sel
+            sel = Selection(variant, size, level_name, [r.point for r in runs], losses)
+            plan.selections[(variant, size, level_name)] = sel
             done = all(loss is not None or r.name in failed for loss, r in zip(losses, runs))
             sel.chosen, sel.on_edge = choose(sel.points, losses) if done else (None, [])
             if sel.chosen is None:
-                plan.pending += len(plan.seeds)
+                plan.pending += len([s for s in plan.seeds if s != plan.sweep.tune_seed])
                 continue
             best = runs[sel.chosen]
             size_over = _size_overrides(plan, size)
             for seed in plan.seeds:
                 if seed == best.seed:
                     best.reported = True
-                elif not any(r.variant == variant and r.size == size and r.seed == seed and not r.tuning
-                             for r in target):
-                    target.append(_planned(plan, variant, size, size_over, best.point, seed))
+                elif not any(r.variant == variant and r.size == size and r.level == best.level and r.seed == seed
+                             and not r.tuning for r in target):
+                    target.append(_planned(plan, variant, size, size_over, best.point, seed, best.level))
 
 
 def _group_tuning(runs: list[PlannedRun]) -> dict[tuple, list[PlannedRun]]:
     groups: dict[tuple, list[PlannedRun]] = {}
     for r in runs:
         if r.tuning:
-            groups.setdefault((r.variant, r.size), []).append(r)
+            groups.setdefault((r.variant, r.size, r.level_name), []).append(r)
     return groups
 
 

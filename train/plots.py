@@ -128,9 +128,15 @@ def _family_plot(rows: list[dict], key_x: str, path: Path, xlabel: str) -> Path 
         for r in members:
             ax.annotate(r["name"], (r[key_x], r["val_loss_mean"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
+    return _save_log_plot(fig, ax, path, xlabel, "final validation loss")
+
+
+def _save_log_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str | None = None) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("final validation loss")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -154,17 +160,9 @@ def scaling_plot(doc: dict, path: Path) -> Path | None:
         if s["E"] is not None:
             grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
             ax.plot(grid, s["E"] + s["A"] * grid ** (-s["alpha"]), color=f"C{i}", lw=1, alpha=0.8)
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("final validation loss (reporting blocks)")
-    ax.set_title(f"{doc['sweep']}: loss vs compute, fits L = E + A·C^-α", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_log_plot(fig, ax, path, "training FLOPs", "final validation loss (reporting blocks)",
+                          f"{doc['sweep']}: loss vs compute, fits L = E + A·C^-α")
 
 
 def tuning_plot(doc: dict, path: Path) -> Path | None:
@@ -173,11 +171,11 @@ def tuning_plot(doc: dict, path: Path) -> Path | None:
     if not tuning:
         return None
     key = next(iter(tuning[0]["points"][0]["values"]))
-    sizes = list(dict.fromkeys(t["size"] for t in tuning))
+    sizes = list(dict.fromkeys((t["size"], t.get("level")) for t in tuning))  # one panel per (size, factor level)
     variants = list(dict.fromkeys(t["variant"] for t in tuning))
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.8), squeeze=False)
     for ax, size in zip(axes[0], sizes):
-        for t in (t for t in tuning if t["size"] == size):
+        for t in (t for t in tuning if (t["size"], t.get("level")) == size):
             pts = sorted((p["values"][key], p["tune_loss"]) for p in t["points"] if p["tune_loss"] is not None)
             if not pts:
                 continue
@@ -188,7 +186,7 @@ def tuning_plot(doc: dict, path: Path) -> Path | None:
                 ax.plot([t["chosen"][key]], [best], "o", ms=11, mfc="none", color=color)
         ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_title(f"size {size}" if size else "tuning", fontsize=9)
+        ax.set_title(" ".join(str(p) for p in size if p) or "tuning", fontsize=9)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("final tuning loss")
     axes[0][-1].legend(fontsize=7)

@@ -46,7 +46,7 @@ def build_report(plan, command: str = "") -> dict:
         if run.reported:
             result = read_run(run.variant, run.seed, run.cfg.out_dir)
             result.finished = result.finished and run_finished(run)
-            result.size = run.size
+            result.size, result.level = run.size, run.level_name
             results.append(result)
     # Exact counts from a finished run's resolved config (the plan's may use an estimated vocabulary size).
     for size, infos in plan.ladder.items():
@@ -57,8 +57,9 @@ def build_report(plan, command: str = "") -> dict:
                 info.counts, info.flops_per_token, info.vocab_estimated = count_params(cfg)
         check_param_match(plan, infos, size, refuse=False)
     doc = summarize(plan, results, command)
-    largest = plan.sweep.size_names[-1]
-    doc["plots"] = [p.name for p in make_plots(doc, [r for r in results if r.size == largest], plan.out_dir)]
+    largest, first = plan.sweep.size_names[-1], _level_names(plan.sweep)[0]
+    shown = [r for r in results if r.size == largest and r.level == first]
+    doc["plots"] = [p.name for p in make_plots(doc, shown, plan.out_dir)]
     write_report(doc, plan.out_dir, render_markdown(doc))
     log_wandb_summary(plan, doc)
     expected = len([r for r in plan.all_runs if r.reported]) + plan.pending
@@ -162,14 +163,28 @@ def _rows(plan, infos: dict, results: list[RunResult]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0))
 
 
+def _level_names(sweep) -> list[Optional[str]]:
+    from train.plan import tag
+    return [tag(level) or None for level in sweep.levels]
+
+
+def _verdicts(rows: list[dict], baseline: str) -> list[dict]:
+    return [{"variant": r["name"], "delta": r["delta_vs_baseline"],
+             **{k: r[k] for k in ("ci95", "p_value", "p_holm", "mde", "seeds_needed", "verdict")}}
+            for r in rows if r["name"] != baseline]
+
+
 def summarize(plan, results: list[RunResult], command: str = "") -> dict:
-    """The report.json document: per size one row per variant, the verdicts at the largest size, tuning and
-    scaling sections when the sweep has them."""
+    """The report.json document: one row per variant for every (size, factor level) cell; the headline `variants`
+    and `verdicts` are the largest size at the first level; tuning, scaling and factor-agreement sections when the
+    sweep has them."""
     sweep = plan.sweep
-    by_size = {size: _rows(plan, infos, [r for r in results if getattr(r, "size", None) == size])
-               for size, infos in plan.ladder.items()}
+    levels = _level_names(sweep)
+    cells = {(size, level): _rows(plan, infos, [r for r in results if getattr(r, "size", None) == size
+                                                and getattr(r, "level", None) == level])
+             for size, infos in plan.ladder.items() for level in levels}
     largest = sweep.size_names[-1]
-    top = by_size[largest]
+    top = cells[(largest, levels[0])]
     expected = {r.name for r in plan.all_runs if r.reported}
     done = {r.dir.name for r in results if r.finished}
     doc = {
@@ -178,23 +193,43 @@ def summarize(plan, results: list[RunResult], command: str = "") -> dict:
         "param_tolerance": sweep.param_tolerance, "stats_rule": STATS_RULE,
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
         "machine": machine_info(), "missing_runs": sorted(expected - done), "pending_runs": plan.pending,
-        "size": largest, "variants": top,
-        "verdicts": [{"variant": r["name"], "delta": r["delta_vs_baseline"],
-                      **{k: r[k] for k in ("ci95", "p_value", "p_holm", "mde", "seeds_needed", "verdict")}}
-                     for r in top if r["name"] != sweep.baseline],
+        "size": largest, "level": levels[0], "variants": top, "verdicts": _verdicts(top, sweep.baseline),
     }
     if sweep.sizes:
-        doc["sizes"] = [{"size": s, "variants": rows} for s, rows in by_size.items()]
-        doc["scaling"] = scaling(by_size, sweep.baseline, results)
+        doc["sizes"] = [{"size": s, "level": lv, "variants": rows} for (s, lv), rows in cells.items()]
+        doc["scaling"] = [entry for lv in levels for entry in
+                          scaling({s: cells[(s, lv)] for s in sweep.size_names}, sweep.baseline, lv)]
+    if sweep.factors:
+        doc["levels"] = [{"level": lv, "values": values, "size": largest, "variants": cells[(largest, lv)],
+                          "verdicts": _verdicts(cells[(largest, lv)], sweep.baseline)}
+                         for lv, values in zip(levels, sweep.levels)]
+        doc["agreement"] = agreement(doc["levels"])
     if sweep.tune:
-        doc["tuning"] = [{"variant": sel.variant, "size": sel.size,
+        doc["tuning"] = [{"variant": sel.variant, "size": sel.size, "level": sel.level,
                           "points": [{"values": p, "tune_loss": loss} for p, loss in zip(sel.points, sel.tune_losses)],
                           "chosen": sel.points[sel.chosen] if sel.chosen is not None else None,
                           "on_edge": sel.on_edge} for sel in plan.selections.values()]
     return doc
 
 
-def scaling(by_size: dict, baseline: str, results: list[RunResult]) -> list[dict]:
+def agreement(levels: list[dict]) -> list[dict]:
+    """For every pair of factor levels: Kendall's τ between the variants' rankings (mean loss), the pairs whose
+    order flips, and the variants whose verdict vs the baseline changes."""
+    out = []
+    for i, a in enumerate(levels):
+        for b in levels[i + 1:]:
+            mean_a = {r["name"]: r["val_loss_mean"] for r in a["variants"]}
+            mean_b = {r["name"]: r["val_loss_mean"] for r in b["variants"]}
+            verdict_a = {v["variant"]: v["verdict"] for v in a["verdicts"]}
+            verdict_b = {v["variant"]: v["verdict"] for v in b["verdicts"]}
+            changed = [{"variant": n, a["level"]: verdict_a[n], b["level"]: verdict_b.get(n)}
+                       for n in verdict_a if verdict_a[n] != verdict_b.get(n)]
+            out.append({"levels": [a["level"], b["level"]], **stats.rank_agreement(mean_a, mean_b),
+                        "verdict_changes": changed})
+    return out
+
+
+def scaling(by_size: dict, baseline: str, level: Optional[str] = None) -> list[dict]:
     """Per variant: the fitted L(C) over the ladder (C = training FLOPs), the compute multiplier vs the baseline at
     the variant's largest budget with a bootstrap 95% CI over seeds, and the same over training seconds."""
     points: dict[str, list[dict]] = {}
@@ -210,7 +245,8 @@ def scaling(by_size: dict, baseline: str, results: list[RunResult]) -> list[dict
     fits = {name: _fit(pts) for name, pts in points.items()}
     out = []
     for name, pts in points.items():
-        entry = {"variant": name, "E": None, "A": None, "alpha": None, "compute_multiplier": None, "ci95": None,
+        entry = {"variant": name, "level": level, "E": None, "A": None, "alpha": None, "compute_multiplier": None,
+                 "ci95": None,
                  "time_multiplier": None, "time_ci95": None, "note": None,
                  "points": [{k: v for k, v in p.items() if k != "losses"} for p in pts]}
         fit, base_fit = fits.get(name), fits.get(baseline)

@@ -93,13 +93,41 @@ def _variant_notes(doc: dict) -> list[str]:
     return (["## Variants", ""] + notes + [""]) if notes else []
 
 
+def _levels(doc: dict) -> list[str]:
+    """The rankings of every factor level side by side, and whether they agree."""
+    if not doc.get("levels"):
+        return []
+    levels = doc["levels"]
+    lines = ["## Rankings by factor level", "",
+             f"Each level is its own sub-sweep (variants ranked, tuned and judged within it), size `{levels[0]['size']}`"
+             if levels[0].get("size") else "Each level is its own sub-sweep (variants ranked, tuned and judged "
+             "within it).", "", "| rank | " + " | ".join(f"`{lv['level']}`" for lv in levels) + " |",
+             "|---:|" + "---|" * len(levels)]
+    ranked = [[r for r in lv["variants"] if r["rank"]] for lv in levels]
+    for i in range(max(len(r) for r in ranked)):
+        cells = []
+        for rows in ranked:
+            r = rows[i] if i < len(rows) else None
+            cells.append(f"{r['name']} {r['val_loss_mean']:.4f} ({r['verdict'] or 'baseline'})" if r else "")
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for a in doc.get("agreement") or []:
+        tau = "–" if a["kendall_tau"] is None else f"{a['kendall_tau']:+.2f} (p {_fmt_p(a['p_value'])}, n {a['n']})"
+        flips = ", ".join(f"{x} ↔ {y}" for x, y in a["order_flips"]) or "none"
+        changes = "; ".join(f"{c['variant']}: {c[a['levels'][0]]} → {c[a['levels'][1]]}"
+                            for c in a["verdict_changes"]) or "none"
+        lines.append(f"- `{a['levels'][0]}` vs `{a['levels'][1]}`: Kendall τ {tau}; order flips: {flips}; verdicts "
+                     f"that change: {changes}")
+    return lines + [""]
+
+
 def _tuning(doc: dict) -> list[str]:
     if not doc.get("tuning"):
         return []
     lines = ["## Tuning", "", "Each variant (at each size) trained once per grid point at the tuning seed; the point "
              "with the lowest loss on the *tuning* validation blocks was chosen, and every reported number above "
              "comes from the separate *reporting* blocks. An edge choice means the optimum may lie outside the grid.",
-             "", "| variant | size | tuning loss per grid point | chosen | note |", "|---|---|---|---|---|"]
+             "", "| variant | size | level | tuning loss per grid point | chosen | note |", "|---|---|---|---|---|---|"]
     for t in doc["tuning"]:
         cells = ", ".join(f"{'/'.join(f'{v:g}' if isinstance(v, float) else str(v) for v in p['values'].values())}:"
                           f" {p['tune_loss']:.4f}" if p["tune_loss"] is not None else
@@ -107,7 +135,7 @@ def _tuning(doc: dict) -> list[str]:
         chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in (t["chosen"] or {}).items()) or "pending"
         note = f"**on the grid's edge ({', '.join(t['on_edge'])}): widen the grid**" if t["on_edge"] else ""
-        lines.append(f"| {t['variant']} | {t['size'] or '–'} | {cells} | {chosen} | {note} |")
+        lines.append(f"| {t['variant']} | {t['size'] or '–'} | {t.get('level') or '–'} | {cells} | {chosen} | {note} |")
     return lines + [""]
 
 
@@ -119,11 +147,11 @@ def _scaling(doc: dict) -> list[str]:
              "Compute multiplier = how much more compute the baseline's fitted curve needs to reach the variant's "
              "fitted loss at the variant's largest budget (> 1: the variant is better); per second: the same with "
              "training wall-clock seconds instead of FLOPs. 95% CIs: bootstrap over seeds (resampled per size).", "",
-             "| variant | E | A | α | compute multiplier [95% CI] | per-second multiplier [95% CI] | note |",
-             "|---|---:|---:|---:|---|---|---|"]
+             "| variant | level | E | A | α | compute multiplier [95% CI] | per-second multiplier [95% CI] | note |",
+             "|---|---|---:|---:|---:|---|---|---|"]
     for s in doc["scaling"]:
         fit = (f"{s['E']:.3f} | {s['A']:.3g} | {s['alpha']:.3f}" if s["E"] is not None else "– | – | –")
-        lines.append(f"| {s['variant']} | {fit} | {_fmt_x(s['compute_multiplier'])}{_fmt_ci(s['ci95'], _fmt_x)} | "
+        lines.append(f"| {s['variant']} | {s.get('level') or '–'} | {fit} | {_fmt_x(s['compute_multiplier'])}{_fmt_ci(s['ci95'], _fmt_x)} | "
                      f"{_fmt_x(s['time_multiplier'])}{_fmt_ci(s['time_ci95'], _fmt_x)} | {s['note'] or ''} |")
     lines += ["", "| variant | size | non-emb. params | tokens | training FLOPs | train seconds | loss (mean ± std, n) |",
               "|---|---|---:|---:|---:|---:|---|"]
@@ -157,14 +185,16 @@ def render_markdown(doc: dict) -> str:
     if doc["missing_runs"] or doc.get("pending_runs"):
         pending = f"; {doc['pending_runs']} run(s) wait for tuning" if doc.get("pending_runs") else ""
         lines.append(f"- **Incomplete**: no final metrics for {', '.join(doc['missing_runs']) or '–'}{pending}")
-    for size in doc.get("sizes") or [{"size": doc.get("size"), "variants": rows}]:
-        if size["size"]:
-            lines += ["", f"### Size `{size['size']}`"]
-        lines += [""] + _table(size["variants"], doc["baseline"])
+    cells = doc.get("sizes") or doc.get("levels") or [{"size": doc.get("size"), "variants": rows}]
+    for cell in cells:
+        title = ", ".join(f"{k} `{cell[k]}`" for k in ("size", "level") if cell.get(k))
+        if title:
+            lines += ["", f"### {title[0].upper()}{title[1:]}"]
+        lines += [""] + _table(cell["variants"], doc["baseline"])
     lines += ["", "FFN params are summed over layers (MoE: all experts + routers); FLOPs/token ≈ 6·N_active + "
               "attention, for training (forward + backward). tokens/s = training throughput of the optimizer steps; "
               "wall time = the run's training wall-clock including periodic evaluation (both means over seeds).", ""]
-    lines += _scaling(doc) + _tuning(doc) + _variant_notes(doc)
+    lines += _levels(doc) + _scaling(doc) + _tuning(doc) + _variant_notes(doc)
     plots = doc.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]

@@ -37,6 +37,7 @@ RESUMABLE_MODEL_KEYS = {"dropout", "init_std"}
 # so a run stopped by a NaN may be continued with train.nan_policy=skip.
 RESUMABLE_TRAIN_KEYS = {
     "out_dir", "device", "compile", "num_threads",  # where and how fast (bitwise resume still needs the same machine)
+    "parallel",  # ddp and fsdp write the same checkpoint files
     "resume", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "stop_at_step",  # bookkeeping
     "nan_policy",
     "sample_prompts", "sample_max_new_tokens", "sample_temperature", "sample_top_k", "peak_flops",  # outputs only

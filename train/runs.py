@@ -65,6 +65,7 @@ class RunResult:
     expert_load: list[dict] = field(default_factory=list)  # step, tokens, load: [layer][expert] fractions
     samples: list[dict] = field(default_factory=list)  # prompt, text
     size: Optional[str] = None  # the ladder size it belongs to (set by the report)
+    level: Optional[str] = None  # the factor level it belongs to (set by the report)
 
 
 def read_run(variant: str, seed: int, run_dir: str | Path) -> RunResult:

@@ -1,7 +1,17 @@
-"""Where and how a run executes: device, precision (autocast), threads, and torchrun's DistributedDataParallel.
+"""Where and how a run executes: device, precision (autocast), threads, and data parallelism under torchrun.
 
 Under `torchrun --nproc_per_node=N`, WORLD_SIZE/RANK/LOCAL_RANK are set: the process group uses gloo on CPU and NCCL
-on CUDA. Rank 0 ("main") logs and writes; every rank computes.
+on CUDA. Rank 0 ("main") logs and writes; every rank computes. `train.parallel` picks how the ranks share the model:
+`ddp` (DistributedDataParallel: every rank holds the whole model and optimizer state, gradients are all-reduced) or
+`fsdp` (FSDP2's `fully_shard` on every transformer block and on the root: parameters, gradients and optimizer state
+are sharded on dim 0 across ranks, each block's parameters all-gathered just in time). In a single process both are
+the plain model: nothing is wrapped, the run is the single-process run bit for bit.
+
+FSDP and precision: weights and optimizer state stay fp32 shards and the trainer's autocast runs as it does for DDP.
+On CUDA with bf16 the blocks also get `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: they all-gather
+bf16 copies (half the traffic) that autocast would have made anyway, and reduce gradients in fp32. The root (embedding,
+tied LM head, final norm) stays fp32 and the blocks do not cast their inputs, so the residual stream stays fp32 as
+under DDP; what differs from DDP is the RMSNorm weights inside blocks, used as bf16 values.
 """
 from __future__ import annotations
 
@@ -32,14 +42,26 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    parallel: str = "ddp"  # train.parallel: ddp | fsdp (only matters with more than one process)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def ddp(self) -> bool:
+    def distributed(self) -> bool:
+        """More than one process: collectives are real."""
         return self.world_size > 1
+
+    @property
+    def ddp(self) -> bool:
+        """The model is wrapped in DistributedDataParallel."""
+        return self.distributed and self.parallel == "ddp"
+
+    @property
+    def fsdp(self) -> bool:
+        """The model is sharded with FSDP2 (`fully_shard`)."""
+        return self.distributed and self.parallel == "fsdp"
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -51,12 +73,12 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def barrier(self) -> None:
-        if self.ddp:
+        if self.distributed:
             dist.barrier()
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's value of `obj` on every rank (picklable objects only)."""
-        if not self.ddp:
+        if not self.distributed:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -64,14 +86,14 @@ class Runtime:
 
     def gather(self, obj: Any) -> Optional[list]:
         """Every rank's `obj` as a list on rank 0 (None elsewhere)."""
-        if not self.ddp:
+        if not self.distributed:
             return [obj]
         out = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
-        if not self.ddp:
+        if not self.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
@@ -80,7 +102,7 @@ class Runtime:
     def main_first(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0, then (if it worked) on the others: for steps that fill a shared cache. A UserError on
         rank 0 is raised on every rank, so no rank waits forever."""
-        if not self.ddp:
+        if not self.distributed:
             return fn()
         result, error = None, None
         if self.is_main:
@@ -100,22 +122,23 @@ class Runtime:
             try:
                 result = fn()
             except UserError as e:
-                if not self.ddp:
+                if not self.distributed:
                     raise
                 error = e
-        if self.ddp:
+        if self.distributed:
             result, error = self.broadcast((result, error))
         if error is not None:
             raise error
         return result
 
     def close(self) -> None:
-        if self.ddp and dist.is_initialized():
+        if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None) -> Runtime:
-    """Validate device/dtype, set CPU threads, and join the torchrun process group when there is one."""
+def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None, parallel: str = "ddp") -> Runtime:
+    """Validate device/dtype, set CPU threads, and join the torchrun process group when there is one. `parallel`
+    (train.parallel) is recorded for `wrap_model`; it changes nothing in a single process."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -138,7 +161,83 @@ def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None) ->
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else "cpu")
-    return Runtime(device=dev, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world_size)
+    return Runtime(device=dev, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world_size,
+                   parallel=parallel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallelism: wrapping, gradient sync, clipping
+
+def wrap_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """The module a training step calls. ddp: a DistributedDataParallel wrapper around `model`. fsdp: `model` itself,
+    sharded in place by `shard_model` (which must run before the optimizer is built). A single process: `model`."""
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # find_unused_parameters: a block class may say some parameters can miss a micro-batch (an MoE expert with no
+        # tokens). broadcast_buffers=False: MoE load counters are per rank, not rank 0's copied everywhere.
+        skips = any(getattr(m, "may_skip_params", False) for m in model.modules())
+        return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                   find_unused_parameters=skips, broadcast_buffers=False)
+    return model
+
+
+def fsdp_mixed_precision(rt: Runtime):
+    """The blocks' FSDP2 MixedPrecisionPolicy: bf16 all-gathers with fp32 gradient reduction on CUDA with bf16
+    autocast (the module docstring says why the residual stream stays fp32); None (fp32 shards all the way, autocast
+    alone) elsewhere."""
+    if rt.device.type != "cuda" or rt.amp_dtype is not torch.bfloat16:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard_model(model: torch.nn.Module, blocks, rt: Runtime) -> torch.nn.Module:
+    """FSDP2: `fully_shard` every transformer block in `blocks` (each one all-gather / reduce-scatter unit, its
+    parameters freed after its forward) and then the root `model`, which keeps the rest (embedding, tied LM head,
+    final norm) in one group; a tied embedding/LM head shares one sharded parameter. Parameter names do not change.
+    In place, and a no-op unless rt.fsdp; returns `model`.
+    The MoE's expert stacks are ordinary parameters of their block and are sharded on dim 0 (experts) like the rest;
+    its buffers (selection bias, load counters) are not sharded and stay per rank."""
+    if not rt.fsdp:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    mp = fsdp_mixed_precision(rt)
+    block_kw = {"mp_policy": mp} if mp is not None else {}
+    for block in blocks:
+        fully_shard(block, mesh=mesh, **block_kw)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def grad_sync(wrapped: torch.nn.Module, rt: Runtime, sync: bool):
+    """Context for one micro-step's forward and backward: gradients are reduced across ranks only when `sync` (the
+    last micro-step of an optimizer step). ddp: `no_sync()` otherwise; fsdp: `set_requires_gradient_sync(sync)` (the
+    unsharded gradients accumulate locally until the final micro-step reduce-scatters them)."""
+    if rt.ddp and not sync:
+        return wrapped.no_sync()
+    if rt.fsdp:
+        wrapped.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Clip gradients to a global L2 norm of `max_norm` (inf: measure only) and return that norm (before clipping),
+    the same on every rank. FSDP2's gradients are DTensor shards: their norm is reduced over all ranks (full_tensor)
+    before the clip coefficient is computed, so it is the whole model's norm, not one shard's."""
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(total, "full_tensor"):  # a DTensor
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters (malloc.h)

@@ -312,3 +312,18 @@ def bootstrap_multiplier(base_points: dict[float, list[float]], variant_points: 
         return None
     vals = np.sort(np.array(values))
     return _percentile(vals, 2.5), _percentile(vals, 97.5)
+
+
+# --- agreement between two rankings (a sweep crossed with a second factor)
+
+def rank_agreement(a: dict[str, float], b: dict[str, float]) -> dict:
+    """Kendall's τ-b between two rankings of the same variants (by mean loss; +1 same order, −1 reversed) with its
+    two-sided p-value, and the pairs whose order flips. Only variants present in both count."""
+    names = [n for n in a if n in b and a[n] is not None and b[n] is not None]
+    flips = [[x, y] for i, x in enumerate(names) for y in names[i + 1:] if (a[x] - a[y]) * (b[x] - b[y]) < 0]
+    if len(names) < 2:
+        return {"n": len(names), "kendall_tau": None, "p_value": None, "order_flips": flips}
+    res = stats.kendalltau([a[n] for n in names], [b[n] for n in names])
+    tau, p = float(res.statistic), float(res.pvalue)
+    return {"n": len(names), "kendall_tau": None if math.isnan(tau) else tau,
+            "p_value": None if math.isnan(p) else p, "order_flips": flips}

@@ -19,6 +19,8 @@ A sweep file (configs/compare/*.yaml):
       xs: {model.hidden_size: 64, model.num_hidden_layers: 2}
       s:  {model.hidden_size: 96, model.num_hidden_layers: 3}
     budget: {tokens_per_param: 20} # optional with sizes: train.max_tokens = r × the baseline's non-embedding params
+    factors:                       # optional: a second factor crossed with the variants (every level is a sub-sweep:
+      train.optimizer: [adamw, muon]   # variants are ranked, tuned and judged within each level)
 
 Optional: description, out_dir, match (sweep-wide), sample_count, and per variant family/description; `extends:
 other-sweep.yaml` reuses a sweep file, the keys given here replacing the parent's. Variant overrides may only touch
@@ -28,6 +30,7 @@ variant gets to choose for itself by the same rule.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -87,6 +90,10 @@ class TuneSpec(BaseModel):
         return self
 
 
+# train.* keys a factor may not vary: what the sweep sets per run, and the data a comparison must share.
+FACTOR_FORBIDDEN = ("train.seed", "train.out_dir", "train.resume", "train.stop_at_step")
+
+
 class BudgetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tokens_per_param: float  # train.max_tokens = tokens_per_param × the baseline's non-embedding params per size
@@ -115,6 +122,10 @@ class SweepConfig(BaseModel):
     tune: Optional[TuneSpec] = None
     sizes: Optional[dict[str, dict[str, Any]]] = None  # ladder, smallest first
     budget: Optional[BudgetSpec] = None
+    factors: Optional[dict[str, list[Any]]] = None  # key -> levels; their cross product, each level a sub-sweep
+    # {slurm: {partition, time, cpus_per_run, gpus_per_run, mem, account, qos, array_parallelism}}: the options of
+    # `scripts/compare.py --launcher slurm`, validated by train/launch.py (they never change a run's result)
+    launcher: Optional[dict[str, Any]] = None
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -158,6 +169,14 @@ class SweepConfig(BaseModel):
             raise ValueError("budget: only applies to a ladder (sizes:)")
         if self.tune is not None and self.tune.seed is not None and self.tune.seed < 0:
             raise ValueError(f"tune.seed must be >= 0, got {self.tune.seed}")
+        for key, levels in (self.factors or {}).items():
+            if not key.startswith("train.") or key in FACTOR_FORBIDDEN:
+                raise ValueError(f"factors: '{key}' cannot be a factor; use a train.* key other than "
+                                 f"{', '.join(FACTOR_FORBIDDEN)}")
+            if self.tune is not None and key in self.tune.grid:
+                raise ValueError(f"factors: '{key}' is also tuned (tune:); it can be one or the other")
+            if len(levels) < 2 or len(set(map(str, levels))) != len(levels):
+                raise ValueError(f"factors: {key} needs at least 2 distinct levels, got {levels}")
         return self
 
     def variant_matched(self, name: str) -> bool:
@@ -167,6 +186,14 @@ class SweepConfig(BaseModel):
     @property
     def size_names(self) -> list[Optional[str]]:
         return list(self.sizes) if self.sizes else [None]
+
+    @property
+    def levels(self) -> list[dict]:
+        """The factor levels (their cross product), [{}] without factors."""
+        if not self.factors:
+            return [{}]
+        keys = list(self.factors)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.factors[k] for k in keys))]
 
     @property
     def tune_seed(self) -> Optional[int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -25,9 +24,10 @@ import torch
 from train import checkpoint as ck
 from train.config import RunConfig
 from train.errors import CheckpointError, ConfigError, DataError, UserError
-from train.optim import build_optimizer, lr_at, plan_budget
+from train.optim import build_optimizer, lr_at, plan_budget, set_lr
 from train.rundir import check_same_model, open_run_dir, resolve_vocab
-from train.runtime import Runtime, StopRequest, measure_peak_flops, seed_everything, setup_runtime
+from train.runtime import (Runtime, StopRequest, clip_grad_norm, grad_sync, measure_peak_flops, seed_everything,
+                           setup_runtime, shard_model, wrap_model)
 from train.tracking import MetricsLog, WandbTracker, read_metrics, start_summary, warn, write_samples
 
 
@@ -41,7 +41,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def train(cfg: RunConfig) -> dict:
     """Train (or resume) the run described by `cfg`; returns the final metrics (val_loss, val_bpb, tokens, ...)."""
-    rt = setup_runtime(cfg.train.device, cfg.train.dtype, cfg.train.num_threads)
+    rt = setup_runtime(cfg.train.device, cfg.train.dtype, cfg.train.num_threads, cfg.train.parallel)
     trainer, failed = None, True
     try:
         trainer = Trainer(cfg, rt)
@@ -92,16 +92,19 @@ class Trainer:
 
         seed_everything(t.seed)
         self.model = MiniMindForCausalLM(cfg.model).to(rt.device)
+        if ckpt is None and getattr(cfg.model.ffn, "upcycle_from", None):  # a fresh MoE from a finished dense run
+            from train.upcycle import upcycle
+            upcycle(self.model, cfg.model, self.prepared.tokenizer_path, say=self.say)
+        if rt.fsdp and t.optimizer == "muon" and any(p.ndim == 3 for p in self.model.parameters()):
+            raise ConfigError("train.optimizer=muon with train.parallel=fsdp does not take MoE expert stacks yet "
+                              "(Muon orthogonalises each expert's matrix; FSDP shards the stack across experts): "
+                              "use train.parallel=ddp or train.optimizer=adamw")
+        # fsdp: shard in place (parameters become DTensor shards) before the optimizer takes the parameters
+        shard_model(self.model, self.model.model.layers, rt)
         self.optimizer = build_optimizer(self.model, t)
         self.scaler = torch.amp.GradScaler("cuda") if rt.dtype == "fp16" else None
-        self.ddp_model = self.model
-        if rt.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            # find_unused_parameters: a block class may say some parameters can miss a micro-batch (an MoE expert with
-            # no tokens). broadcast_buffers=False: MoE load counters are per rank, not rank 0's copied everywhere.
-            skips = any(getattr(m, "may_skip_params", False) for m in self.model.modules())
-            self.ddp_model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                 find_unused_parameters=skips, broadcast_buffers=False)
+        self.ddp_model = wrap_model(self.model, rt)  # ddp: the DDP wrapper; fsdp / one process: the model itself
+        # (with fsdp, torch.compile breaks the graph at FSDP2's hooks, which stay eager)
         self.step_model = torch.compile(self.ddp_model) if t.compile else self.ddp_model
         self.batches = TrainBatches(self.prepared.train_path, self.prepared.dtype, self.seq_len, t.micro_batch_size,
                                     self.local_accum, t.seed, rt.rank, rt.world_size)
@@ -124,10 +127,10 @@ class Trainer:
         return str(found) if found else None
 
     def _restore(self, ckpt: Path) -> None:
-        ck.load_weights(self.model, ckpt / ck.WEIGHTS)
+        ck.load_weights(self.model, ckpt / ck.WEIGHTS)  # fsdp: every rank reads the full file and keeps its shard
         state = ck.load_state(ckpt)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            ck.load_optimizer_state(self.optimizer, state["optimizer"], self.model)
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
@@ -138,7 +141,9 @@ class Trainer:
         self.wandb_id = state.get("wandb_id")
         self.meter = {**self._new_meter(), **(state.get("meter") or {})}
         self.saved_step, self.saved_path = self.step, str(ckpt)
-        for layer, counts in zip(self.model.moe_layers(), state.get("expert_load_counts") or []):
+        loads = state.get("expert_load_counts_per_rank") or []  # older checkpoints: rank 0's counts only
+        loads = loads[self.rt.rank] if self.rt.rank < len(loads) else state.get("expert_load_counts") or []
+        for layer, counts in zip(self.model.moe_layers(), loads):
             layer.load_counts.copy_(counts)  # the open logging window, so the next expert_load line matches
         if state.get("world_size", 1) != self.rt.world_size:
             self.say(f"note: the checkpoint was written by {state.get('world_size')} process(es), this run has "
@@ -245,15 +250,13 @@ class Trainer:
     def _train_step(self, stop: StopRequest) -> bool:
         """One optimizer step; returns whether a stop (Ctrl-C / SIGTERM on any rank) was requested."""
         t, rt = self.cfg.train, self.rt
-        lr = lr_at(self.step, t, self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr_at(self.step, t, self.max_steps))  # Muon groups: x their lr_scale
         loss_sum, aux_sums = torch.zeros((), device=rt.device), {}
         for micro in range(self.local_accum):
             x_BT, y_BT = self.batches.get(self.step, micro)
             x_BT, y_BT = x_BT.to(rt.device, non_blocking=True), y_BT.to(rt.device, non_blocking=True)
-            defer_sync = rt.ddp and micro < self.local_accum - 1
-            with self.ddp_model.no_sync() if defer_sync else nullcontext():
+            # gradients are reduced across ranks after the last micro-step only (ddp: no_sync; fsdp: no reduce-scatter)
+            with grad_sync(self.ddp_model, rt, sync=micro == self.local_accum - 1):
                 with rt.autocast():
                     out = self.step_model(x_BT, y_BT)
                     objective = (out.loss + out.aux_loss) / self.local_accum
@@ -263,8 +266,8 @@ class Trainer:
                 aux_sums[key] = aux_sums.get(key, 0.0) + float(value)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                         t.grad_clip if t.grad_clip > 0 else float("inf")))
+        # the whole model's norm on every rank (fsdp: reduced over the shards)
+        grad_norm = clip_grad_norm(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         aux_keys = sorted(aux_sums)
         reduced = rt.all_reduce_sum([float(loss_sum) / self.local_accum, float(stop.signum is not None)]
                                     + [aux_sums[k] / self.local_accum for k in aux_keys])
@@ -276,7 +279,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            self._after_optimizer_step(skipped=False)
+            self.model.after_optimizer_step(skipped=False)
             m = self.meter
             m["loss"] += loss
             m["grad_norm"] += grad_norm if math.isfinite(grad_norm) else 0.0
@@ -285,7 +288,7 @@ class Trainer:
                 m["aux"][key] = m["aux"].get(key, 0.0) + value / rt.world_size
         elif t.nan_policy == "skip":
             self.meter["skipped"] += 1
-            self._after_optimizer_step(skipped=True)  # e.g. the MoE drops the skipped step's routing counts
+            self.model.after_optimizer_step(skipped=True)  # e.g. the MoE drops the skipped step's routing counts
             self.say(f"warning: non-finite loss/grad norm at step {self.step + 1} "
                      f"(loss={loss}, grad_norm={grad_norm}); step skipped (train.nan_policy=skip)")
         else:
@@ -297,22 +300,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return reduced[1] > 0
 
-    def _after_optimizer_step(self, skipped: bool) -> None:
-        """Every module's per-step hook (MoE: aux-loss-free bias from the global batch's load, all-reduced inside the
-        block so every rank's bias stays the same). Same modules, same order, same `skipped` on every rank."""
-        for module in self.model.modules():
-            if hasattr(module, "after_optimizer_step"):
-                module.after_optimizer_step(skipped=skipped)
-
     # -- logging, eval, checkpoints ------------------------------------------------------------------------------
     def _log_train(self) -> None:
         m, rt = self.meter, self.rt
-        load = None
+        load, health = None, {}
         per_layer = self.model.expert_load()  # [] without layers that count their expert load
         if per_layer:
             flat = rt.all_reduce_sum([v for layer in per_layer for v in layer])
             it = iter(v / rt.world_size for v in flat)
             load = [[next(it) for _ in layer] for layer in per_layer]
+            # each layer's health() (MoE: moe_max_vio, moe_router_entropy, ...), averaged over ranks -> name: per layer
+            layers = [ffn.health() for ffn in self.model.moe_layers() if hasattr(ffn, "health")]
+            names = list(layers[0]) if layers else []
+            it = iter(v / rt.world_size for v in rt.all_reduce_sum([h[n] for h in layers for n in names]))
+            rows = [[next(it) for _ in names] for _ in layers]
+            health = {n: [row[i] for row in rows] for i, n in enumerate(names)}
             self.model.reset_expert_load()
         steps = max(m["steps"], 1)
         tok_per_s = self.window_steps * self.tokens_per_step / self.window_time if self.window_time else 0.0
@@ -325,6 +327,7 @@ class Trainer:
             rec["skipped"] = m["skipped"]
         if load is not None:
             rec["expert_load"] = load
+        rec.update(health)
         self.meter, self.window_time, self.window_steps = self._new_meter(), 0.0, 0
         self.last_loss = rec["loss"]
         if not rt.is_main:
@@ -341,9 +344,26 @@ class Trainer:
         from train.evaluate import eval_loss_sum, val_metrics
 
         rt = self.rt
-        nll, n = eval_loss_sum(self.model, blocks[rt.rank::rt.world_size], rt.device, rt.autocast)
+        mine = blocks[rt.rank::rt.world_size]
+        nll, n = eval_loss_sum(self.model, mine, rt.device, rt.autocast)
+        if rt.fsdp:  # every forward all-gathers parameters: each rank runs as many as the busiest (results unused)
+            self._idle_forwards(blocks, -(-len(blocks) // rt.world_size) - len(mine))
         nll, n = rt.all_reduce_sum([nll, float(n)])
         return val_metrics(nll, int(n), self.prepared, blocks.n_bytes if int(n) == blocks.n_tokens else None)
+
+    @torch.no_grad()
+    def _idle_forwards(self, blocks, count: int) -> None:
+        """`count` evaluation forwards of the first block whose results are dropped: under FSDP a rank with fewer
+        validation batches than the others must still join their parameter all-gathers."""
+        if count <= 0:
+            return
+        was_training = self.model.training
+        self.model.eval()  # as in eval_loss_sum: no routing counts, no dropout
+        x_BT, y_BT = blocks[0]
+        for _ in range(count):
+            with self.rt.autocast():
+                self.model(x_BT.to(self.rt.device), y_BT.to(self.rt.device))
+        self.model.train(was_training)
 
     def _evaluate(self) -> dict:
         rt = self.rt
@@ -360,17 +380,20 @@ class Trainer:
 
     def _save(self) -> None:
         rngs = self.rt.gather(ck.capture_rng())
+        loads = self.rt.gather([layer.load_counts.cpu() for layer in self.model.moe_layers()])  # per rank
+        # every rank takes part (fsdp gathers the full weights and optimizer state onto rank 0); rank 0 writes
+        tensors, optimizer = ck.model_state(self.model), ck.optimizer_state(self.optimizer, self.model)
 
         def write() -> str:
             state = {"step": self.step, "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed,
-                     "optimizer": self.optimizer.state_dict(),
+                     "optimizer": optimizer,
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "rng": rngs, "meter": self.meter, "wandb_id": self.wandb_id,
-                     "expert_load_counts": [layer.load_counts.cpu() for layer in self.model.moe_layers()],
+                     "expert_load_counts": loads[0], "expert_load_counts_per_rank": loads,
                      "world_size": self.rt.world_size, "loader": {"seed": self.cfg.train.seed, "step": self.step},
                      "scheduler": {"step": self.step, "max_steps": self.max_steps}}
             path = ck.save_checkpoint(self.run_dir, self.step, self.model, state, self.config_dict,
-                                      self.cfg.train.keep_last)
+                                      self.cfg.train.keep_last, tensors)
             return str(path)
 
         self.saved_path = self.rt.on_main(write)
@@ -395,8 +418,9 @@ class Trainer:
                  "tok_per_s": getattr(self, "session_tokens", 0) / max(getattr(self, "session_time", 0.0), 1e-9),
                  "run_dir": str(self.run_dir), "wandb_id": self.wandb_id,
                  "wandb_dir": self.tracker.dir if self.tracker else None}
+        sampler = self._unsharded_model()
         if rt.is_main:
-            samples = generate_samples(self.model, load_tokenizer(self.run_dir / "tokenizer.json"), t.sample_prompts,
+            samples = generate_samples(sampler, load_tokenizer(self.run_dir / "tokenizer.json"), t.sample_prompts,
                                        t.sample_max_new_tokens, t.sample_temperature, t.sample_top_k, t.seed,
                                        rt.device, self.prepared.eos_id)
             write_samples(self.run_dir, samples, self.step)
@@ -407,6 +431,22 @@ class Trainer:
                   f"bpb {final.get('val_bpb', float('nan')):.4f}, {final['tok_per_s']:,.0f} tok/s -> {self.run_dir}",
                   flush=True)
         return final
+
+    def _unsharded_model(self) -> Optional[torch.nn.Module]:
+        """The model rank 0 generates samples with: the model itself, or under FSDP a plain copy built from the
+        gathered full weights (a collective; None on the other ranks): generation runs on rank 0 alone, and a sharded
+        model's forward would wait for the other ranks to join its all-gathers."""
+        from model.model_minimind import MiniMindForCausalLM
+
+        if not self.rt.fsdp:
+            return self.model
+        tensors = ck.model_state(self.model)
+        if not self.rt.is_main:
+            return None
+        with torch.random.fork_rng(devices=[]):  # building it initialises weights: leave the run's RNG alone
+            plain = MiniMindForCausalLM(self.cfg.model)
+        plain.load_state_dict(tensors, strict=True)
+        return plain.to(self.rt.device)
 
     def close(self, failed: bool = False) -> None:
         if self.tracker is not None:
