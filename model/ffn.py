@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from model.activations import (ACTIVATIONS, DENSE_ACTIVATIONS, GLU_ACTIVATIONS, NO_HF_EQUIVALENT,  # noqa: F401
-                               TRAINABLE_ACTIVATIONS, activation_params, identity, make_activation, relu2)
+from model.activations import (ACTIVATIONS, DENSE_ACTIVATIONS, GLU_ACTIVATIONS, NO_HF_EQUIVALENT,
+                               TRAINABLE_ACTIVATIONS, activation_params, make_activation)
 
 # model.config.FFNConfig / MiniMindConfig, by duck typing: the blocks never import the config module (it asks the
 # registry, which imports the blocks), so annotations name them through these aliases.

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# the repo root goes first even when PYTHONPATH already lists it: later, `import train` would find scripts/train.py
+if str(ROOT) in sys.path:
+    sys.path.remove(str(ROOT))
+sys.path.insert(0, str(ROOT))
 
 from train.errors import UserError  # noqa: E402
 

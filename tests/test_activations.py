@@ -144,10 +144,54 @@ def test_leaky_relu2():
 
 
 @pytest.mark.parametrize("name", sorted(TRAINABLE_ACTIVATIONS))
+def test_hand_written_backward_passes_gradcheck(name):
+    torch.manual_seed(0)
+    act = make_activation(name).double()
+    with torch.no_grad():  # away from the init, so every coefficient matters
+        for p in act.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = (torch.randn(6, 10, dtype=torch.float64) * 2).requires_grad_()
+    params = list(act.parameters())
+    assert torch.autograd.gradcheck(act, (x,))
+    # the learned scalars' gradients through the module (softplus included) against central differences
+    out = act(x)
+    grads = torch.autograd.grad(out, params, torch.ones_like(out))
+    for p, grad in zip(params, grads):
+        for k in range(p.numel()):
+            with torch.no_grad():
+                base = p.detach().clone()
+                p.view(-1)[k] += 1e-6
+                up = act(x).sum()
+                p.view(-1)[k] -= 2e-6
+                down = act(x).sum()
+                p.copy_(base)
+            assert grad.view(-1)[k].item() == pytest.approx(((up - down) / 2e-6).item(), rel=1e-5, abs=1e-6)
+
+
+def test_xielu_gradients_match_transformers_autograd():
+    activations = pytest.importorskip("transformers.activations")
+    ref, ours = activations.XIELUActivation(dtype=torch.float64), XIELU().double()
+    with torch.no_grad():
+        ref.alpha_p.copy_(ours.alpha_p)
+        ref.alpha_n.copy_(ours.alpha_n)
+    x = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    g = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want = torch.autograd.grad(ref._xielu_python(x.requires_grad_()), (x, ref.alpha_p, ref.alpha_n), g)
+    got = torch.autograd.grad(ours(x), (x, ours.alpha_p, ours.alpha_n), g)
+    for w, o in zip(want, got):
+        assert torch.allclose(w, o, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(TRAINABLE_ACTIVATIONS))
 def test_trainable_activations_keep_half_precision(name):
-    """(1,)-shaped fp32 scalars would promote a bf16 activation tensor to fp32."""
-    x = torch.randn(4, 32).bfloat16()
-    assert make_activation(name)(x).dtype == torch.bfloat16
+    """(1,)-shaped fp32 scalars would promote a bf16 activation tensor to fp32; the backward keeps the dtypes too."""
+    act = make_activation(name)
+    x = torch.randn(4, 32).bfloat16().requires_grad_()
+    y = act(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in act.parameters())
 
 
 def test_existing_blocks_keep_their_functions():

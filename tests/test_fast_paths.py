@@ -67,7 +67,7 @@ def test_fused_adamw_matches_plain_adamw():
     model = MiniMindForCausalLM(cfg)
     reference = copy.deepcopy(model)
     initial = model.lm_head.weight.detach().clone()
-    t = SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False)
+    t = SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, optimizer="adamw")
     fast = build_optimizer(model, t)
     assert all(group["fused"] for group in fast.param_groups)  # the fast path is what the trainer gets
     plain = build_optimizer(reference, t)

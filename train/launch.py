@@ -431,9 +431,13 @@ def train_job(config_yaml: str, cwd: str) -> dict:
     """What a submitit job runs: train the run whose resolved config is `config_yaml` (YAML text: data, never code),
     in the submitting directory `cwd` (relative paths in the config are relative to it). Returns its final metrics."""
     from train.trainer import train
+    before = os.getcwd()
     os.chdir(cwd)
-    cfg = validate_config(yaml.safe_load(config_yaml), source="submitted config")
-    return train(cfg)
+    try:  # a job process is ours alone, but the local executor's tests call this in-process: leave the cwd as found
+        cfg = validate_config(yaml.safe_load(config_yaml), source="submitted config")
+        return train(cfg)
+    finally:
+        os.chdir(before)
 
 
 class SubmititLauncher:
@@ -530,11 +534,6 @@ class SubmititLauncher:
         if self._executor is not None:
             return self._executor
         import submitit
-        # the job's python must import this module: the project root goes on its path (the environment is
-        # inherited by LocalExecutor and exported by sbatch)
-        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if str(ROOT) not in paths:
-            os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
         if self.cluster == "local":
             ex = submitit.LocalExecutor(self.folder)
             ex.update_parameters(timeout_min=self.opts.minutes or 24 * 60, gpus_per_node=self.opts.gpus_per_run,
@@ -574,11 +573,21 @@ class SubmititLauncher:
         prepare_once([run for _, run in todo])
         texts = [config_text(with_threads(run.cfg, self.opts.cpus_per_run)) for _, run in todo]
         cwd = os.getcwd()
+        # The job's python must import this module: the project root goes on its path, in the environment that
+        # LocalExecutor's processes inherit and sbatch exports at submission — for the submission only (this
+        # process's own children, e.g. scripts run later by a caller, keep the environment they had).
+        old_path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *[p for p in (old_path or "").split(os.pathsep) if p]])
         try:
             with ex.batch():
                 jobs = [ex.submit(train_job, text, cwd) for text in texts]
         except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
             raise UserError(f"submitting {len(todo)} job(s) failed: {' '.join(str(e).split())[:300]}") from None
+        finally:
+            if old_path is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old_path
         new = {run.name: job for (_, run), job in zip(todo, jobs)}
         self._jobs.update(new)
         self._record(new)
