@@ -322,12 +322,16 @@ def test_exact_resume_under_muon_is_bitwise(tiny_data_cache, tmp_path):
                             "train.sample_max_new_tokens=2", "wandb.mode=disabled", *overrides])
 
     train(tiny(tmp_path / "full"))
-    with pytest.raises(TrainingInterrupted, match="at step 4"):
-        train(tiny(tmp_path / "run", "train.stop_at_step=4"))
+    # step 5 leaves a logging window open (log_interval 2): the checkpoint must carry its routing counters
+    with pytest.raises(TrainingInterrupted, match="at step 5"):
+        train(tiny(tmp_path / "run", "train.stop_at_step=5"))
     assert set(torch.load(tmp_path / "run" / "state.pt", weights_only=True)["optimizer"]) == {"muon", "adamw"}
     train(tiny(tmp_path / "run"))  # the same command again resumes
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "run"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "run")]
-    same = [[(r["type"], r["step"], r.get("loss"), r.get("lr"), r.get("val_loss")) for r in rs] for rs in rows]
+    same = [[(r["type"], r["step"], r.get("loss"), r.get("lr"), r.get("val_loss"), r.get("expert_load"),
+              r.get("moe_max_vio"), r.get("moe_router_entropy"), r.get("moe_active_ffn_params")) for r in rs]
+            for rs in rows]
     assert same[0] == same[1]
+    assert any(r.get("moe_max_vio") for r in rows[1])  # the health lines were there to compare

@@ -203,6 +203,22 @@ def test_param_mismatch_is_refused_with_one_line_and_exit_2(tmp_sweep_dir):
     assert plan.variants["fat"].matched_on == "-" and plan.variants["fat"].counts["ffn"] == 2 * plan.variants["gelu"].counts["ffn"]
 
 
+def test_ffn_params_are_matched_too_not_only_the_total(tmp_sweep_dir):
+    # FFN params are about half of the tiny model, so a FFN 3% wider moves the total by ~1.5%: inside a 2% tolerance
+    # on totals alone, refused once the FFN params are held to the same tolerance
+    wide = {**GELU, "model.ffn.d_ff": 264}  # the matched width is 256
+    plan = plan_sweep(sweep_file(tmp_sweep_dir, {"gelu": GELU, "wide": {"overrides": wide, "match": False}}))
+    base, w = plan.variants["gelu"].counts, plan.variants["wide"].counts
+    assert abs(w["total"] / base["total"] - 1) < 0.02 < w["ffn"] / base["ffn"] - 1
+    with pytest.raises(ConfigError, match=r"'wide' has [\d,]+ ffn params vs [\d,]+ \(\+3\.1%\)") as info:
+        plan_sweep(sweep_file(tmp_sweep_dir, {"gelu": GELU, "wide": wide}))
+    assert "total params" not in str(info.value)
+    # a block without FFN params (matched on total by depth) is held to the total only
+    plan = plan_sweep(sweep_file(tmp_sweep_dir, {"gelu": GELU, "noffn": {"overrides": {"model.ffn.type": "none"}}},
+                                 param_tolerance=0.9))
+    assert plan.variants["noffn"].counts["ffn"] == 0 and plan.variants["noffn"].matched
+
+
 def test_moe_is_matched_on_active_params_and_dry_run_trains_nothing(tmp_sweep_dir, monkeypatch, capsys):
     moe = {"model.ffn.type": "moe", "model.ffn.n_experts": 4, "model.ffn.top_k": 2}
     path = sweep_file(tmp_sweep_dir, {"gelu": GELU, "swiglu": SWIGLU, "moe": moe}, seeds=[0, 1])
@@ -312,3 +328,28 @@ def test_a_diverged_run_does_not_stop_the_sweep(tmp_sweep_dir, monkeypatch):
     assert calls == ["gelu-s0", "swiglu-s0"]
     report = json.loads((tmp_sweep_dir / "runs" / "tiny-sweep" / "report.json").read_text())
     assert report["missing_runs"] == ["gelu-s0", "swiglu-s0"] and all(r["rank"] is None for r in report["variants"])
+
+
+def test_routing_health_is_summarised_per_run_and_variant_and_rendered(tmp_path):
+    from train.runs import routing_health
+    recs = [{"type": "train", "step": 5, "moe_max_vio": [0.4, 0.2], "moe_drop_frac": [0.0, 0.1], "loss": 3.0},
+            {"type": "train", "step": 10, "moe_max_vio": [0.2, 0.0], "moe_drop_frac": [0.0, 0.0], "loss": 2.0}]
+    health = routing_health(recs)
+    # layer means 0.3 then 0.1: end of training 0.1, averaged over the two windows 0.2
+    assert health["moe_max_vio"] == pytest.approx({"final": 0.1, "mean": 0.2})
+    assert health["moe_drop_frac"] == pytest.approx({"final": 0.0, "mean": 0.025})
+    assert routing_health([{"type": "train", "step": 5, "loss": 3.0}]) == {}  # dense runs: nothing
+
+    plan = fake_plan(tmp_path)
+    results = [fake_run(v, s, 3.0 + s / 10) for v in ("gelu", "gelu-wide") for s in (0, 1)]
+    for s, vio in ((0, 0.1), (1, 0.3)):
+        run = fake_run("moe", s, 2.9, moe=True)
+        run.health = {"moe_max_vio": {"final": vio, "mean": 2 * vio}}
+        results.append(run)
+    doc = summarize(plan, results)
+    rows = {r["name"]: r for r in doc["variants"]}
+    assert rows["moe"]["health"]["moe_max_vio"] == pytest.approx({"final": 0.2, "mean": 0.4})
+    assert rows["gelu"]["health"] == {}
+    md = render_markdown(doc)
+    section = md.split("## MoE routing health")[1]
+    assert "| moe | 2.9000 ± 0.0000 | 0.200 / 0.400 |" in section and "| gelu |" not in section

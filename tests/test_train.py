@@ -129,7 +129,8 @@ def test_two_process_ddp_matches_one_process(tiny_data_cache, tmp_path):
 
 def test_wandb_offline_run_holds_the_logged_metrics(tiny_data_cache, tmp_path):
     result = train(tiny(tiny_data_cache, tmp_path / "run", "wandb.mode=offline", "train.max_steps=10",
-                        "train.eval_interval=10", "train.ckpt_interval=10", "train.sample_max_new_tokens=4"))
+                        "train.eval_interval=10", "train.ckpt_interval=10", "train.sample_max_new_tokens=4",
+                        "model.ffn.type=moe"))
     files = list(Path(result["wandb_dir"]).glob("run-*.wandb"))
     assert result["wandb_id"] and len(files) == 1 and result["wandb_id"] in files[0].name
     history = read_wandb_history(files[0])
@@ -139,6 +140,12 @@ def test_wandb_offline_run_holds_the_logged_metrics(tiny_data_cache, tmp_path):
     for r in rows:
         assert logged[r["step"]]["train/loss"] == pytest.approx(r["loss"])
         assert logged[r["step"]]["train/lr"] == pytest.approx(r["lr"])
+        # routing health: one scalar per MoE layer and the layer mean (wandb charts scalars, not lists)
+        for name in ("max_vio", "router_entropy", "active_ffn_params"):
+            per_layer = r[f"moe_{name}"]
+            assert len(per_layer) == 2
+            assert [logged[r["step"]][f"moe/{name}_l{i}"] for i in range(2)] == pytest.approx(per_layer)
+            assert logged[r["step"]][f"moe/{name}"] == pytest.approx(sum(per_layer) / 2)
     assert any("val/loss" in row for row in history)
     assert any(row.get("samples/_type") == "table-file" for row in history)
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)

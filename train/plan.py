@@ -244,18 +244,24 @@ def _variant_info(sweep: SweepConfig, name: str, cfg: RunConfig, size: Optional[
 def check_param_match(plan: SweepPlan, infos: dict[str, VariantInfo], size: Optional[str] = None,
                       refuse: bool = True) -> None:
     """Set each matched variant's relative difference to the baseline (on total or active params) and refuse when
-    one is beyond the tolerance."""
+    it, or the difference in FFN params (all of them when matched on total, the active ones when matched on active),
+    is beyond the tolerance: FFN params are a fraction of the total, so a total within 2% can hide a FFN 4% off."""
     sweep = plan.sweep
     base = infos[sweep.baseline]
     bad = []
     for info in infos.values():
         if not info.matched:
             continue
-        ref = base.counts[info.matched_on]
-        info.rel_diff = (info.counts[info.matched_on] - ref) / ref
-        if abs(info.rel_diff) > sweep.param_tolerance + 1e-12:
-            bad.append(f"'{info.name}' has {info.counts[info.matched_on]:,} {info.matched_on} params vs "
-                       f"{ref:,} ({info.rel_diff:+.1%})")
+        ffn_key = "ffn_active" if info.matched_on == "active" else "ffn"
+        for key, label in ((info.matched_on, info.matched_on), (ffn_key, ffn_key.replace("_", " "))):
+            ref = base.counts[key]
+            if key != info.matched_on and not (ref and info.counts[key]):
+                continue  # a block without FFN params (type none, matched by depth/width) matches on totals only
+            rel = (info.counts[key] - ref) / ref
+            if key == info.matched_on:
+                info.rel_diff = rel
+            if abs(rel) > sweep.param_tolerance + 1e-12:
+                bad.append(f"'{info.name}' has {info.counts[key]:,} {label} params vs {ref:,} ({rel:+.1%})")
     if bad and refuse:
         at = f" at size '{size}'" if size else ""
         raise ConfigError(f"{plan.sweep_path}: parameter mismatch vs baseline '{sweep.baseline}'{at}: "

@@ -142,6 +142,7 @@ def _rows(plan, infos: dict, results: list[RunResult]) -> list[dict]:
             "val_loss_per_seed": {str(s): v for s, v in loss.items()},
             "val_bpb_per_seed": {str(s): v for s, v in bpb.items()},
             "samples": runs[0].samples[:sweep.sample_count] if runs else [],
+            "health": _health(runs),
         })
     for i, row in enumerate(sorted((r for r in rows if r["val_loss_mean"] is not None),
                                    key=lambda r: r["val_loss_mean"]), 1):
@@ -161,6 +162,13 @@ def _rows(plan, infos: dict, results: list[RunResult]) -> list[dict]:
         for key in ("ci95", "p_value", "p_holm", "mde", "seeds_needed", "verdict"):
             row[key] = v[key] if v else None
     return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0))
+
+
+def _health(runs: list[RunResult]) -> dict[str, dict[str, float]]:
+    """MoE routing health over the seeds: moe_<name> -> {"final", "mean"} means (empty for dense blocks)."""
+    keys = sorted({k for r in runs for k in r.health})
+    return {k: {when: statistics.fmean(r.health[k][when] for r in runs if k in r.health) for when in ("final", "mean")}
+            for k in keys}
 
 
 def _level_names(sweep) -> list[Optional[str]]:

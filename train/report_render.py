@@ -121,6 +121,33 @@ def _levels(doc: dict) -> list[str]:
     return lines + [""]
 
 
+_HEALTH = (("moe_max_vio", "MaxVio", "{:.3f}"), ("moe_drop_frac", "dropped", "{:.2%}"),
+           ("moe_router_entropy", "router entropy (nats)", "{:.3f}"), ("moe_bias_abs", "mean |bias|", "{:.4f}"),
+           ("moe_active_ffn_params", "active FFN params / token", "{:,.0f}"))
+
+
+def _health(doc: dict) -> list[str]:
+    """MoE routing health beside the loss: each metric at the last logging window and averaged over training."""
+    cells = doc.get("sizes") or doc.get("levels") or [{"variants": doc["variants"]}]
+    rows = [(cell, r) for cell in cells for r in cell["variants"] if r.get("health")]
+    if not rows:
+        return []
+    lines = ["## MoE routing health", "",
+             "Means over seeds and MoE layers; *end* = the last logging window, *avg* = averaged over all windows "
+             "of training. MaxVio = max expert load / mean load − 1 per optimizer step (0 = balanced).", "",
+             "| variant | val loss | " + " | ".join(f"{title} end / avg" for _, title, _ in _HEALTH) + " |",
+             "|---|---:|" + "---:|" * len(_HEALTH)]
+    for cell, r in rows:
+        where = " ".join(f"{cell[k]}" for k in ("size", "level") if cell.get(k))
+        name = f"{r['name']} ({where})" if where and len(cells) > 1 else r["name"]
+        values = []
+        for key, _, fmt in _HEALTH:
+            h = r["health"].get(key)
+            values.append(f"{fmt.format(h['final'])} / {fmt.format(h['mean'])}" if h else "–")
+        lines.append(f"| {name} | {_fmt_pm(r['val_loss_mean'], r['val_loss_std'])} | " + " | ".join(values) + " |")
+    return lines + [""]
+
+
 def _tuning(doc: dict) -> list[str]:
     if not doc.get("tuning"):
         return []
@@ -194,7 +221,7 @@ def render_markdown(doc: dict) -> str:
     lines += ["", "FFN params are summed over layers (MoE: all experts + routers); FLOPs/token ≈ 6·N_active + "
               "attention, for training (forward + backward). tokens/s = training throughput of the optimizer steps; "
               "wall time = the run's training wall-clock including periodic evaluation (both means over seeds).", ""]
-    lines += _levels(doc) + _scaling(doc) + _tuning(doc) + _variant_notes(doc)
+    lines += _levels(doc) + _health(doc) + _scaling(doc) + _tuning(doc) + _variant_notes(doc)
     plots = doc.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]

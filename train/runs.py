@@ -64,6 +64,7 @@ class RunResult:
     train: list[dict] = field(default_factory=list)  # step, tokens, wall_s, loss
     expert_load: list[dict] = field(default_factory=list)  # step, tokens, load: [layer][expert] fractions
     samples: list[dict] = field(default_factory=list)  # prompt, text
+    health: dict = field(default_factory=dict)  # MoE routing health: moe_<name> -> {"final", "mean"} (layer means)
     size: Optional[str] = None  # the ladder size it belongs to (set by the report)
     level: Optional[str] = None  # the factor level it belongs to (set by the report)
 
@@ -102,4 +103,15 @@ def read_run(variant: str, seed: int, run_dir: str | Path) -> RunResult:
                "tune_loss": final.get("tune_loss"), "tokens": final.get("tokens"), "wall_time_s": final.get("time"),
                "tokens_per_s": tok_per_s, "step": final.get("step")}
     return RunResult(variant, seed, run_dir, bool(final) and final.get("val_loss") is not None, summary, evals,
-                     train, load, samples)
+                     train, load, samples, routing_health(train_recs))
+
+
+def routing_health(train_recs: list[dict]) -> dict[str, dict[str, float]]:
+    """Each per-layer `moe_*` series of the train lines (model/moe_balance.RoutingStats) as its mean over layers at
+    the last logging window ("final") and over all windows ("mean")."""
+    series: dict[str, list[float]] = {}
+    for rec in train_recs:
+        for key, per_layer in rec.items():
+            if key.startswith("moe_") and isinstance(per_layer, list) and per_layer:
+                series.setdefault(key, []).append(sum(per_layer) / len(per_layer))
+    return {key: {"final": values[-1], "mean": sum(values) / len(values)} for key, values in series.items()}

@@ -180,7 +180,8 @@ def _short(e: BaseException) -> str:
 
 
 def _wandb_record(record: dict) -> dict:
-    """Flat wandb keys: train/*, val/*, aux/*, and moe/load_l{layer}_e{expert} for the expert load."""
+    """Flat wandb keys: train/*, val/*, aux/*, moe/load_l{layer}_e{expert} for the expert load, and moe/{name}_l{layer}
+    plus the layer mean moe/{name} for each routing-health list (moe_max_vio, ...)."""
     out = {}
     for key, value in record.items():
         if key in ("type", "step"):
@@ -191,6 +192,11 @@ def _wandb_record(record: dict) -> dict:
                     out[f"moe/load_l{li}_e{ei}"] = frac
                 if layer:
                     out[f"moe/max_load_l{li}"] = max(layer) * len(layer)  # 1.0 = perfectly balanced
+        elif key.startswith("moe_") and isinstance(value, list):  # routing health, one value per MoE layer
+            for li, v in enumerate(value):
+                out[f"moe/{key[4:]}_l{li}"] = v
+            if value:
+                out[f"moe/{key[4:]}"] = sum(value) / len(value)
         elif key.startswith("val_"):
             out[f"val/{key[4:]}"] = value
         elif key.endswith("_loss") and key != "loss":  # MoE balancing terms

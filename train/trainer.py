@@ -141,10 +141,16 @@ class Trainer:
         self.wandb_id = state.get("wandb_id")
         self.meter = {**self._new_meter(), **(state.get("meter") or {})}
         self.saved_step, self.saved_path = self.step, str(ckpt)
-        loads = state.get("expert_load_counts_per_rank") or []  # older checkpoints: rank 0's counts only
-        loads = loads[self.rt.rank] if self.rt.rank < len(loads) else state.get("expert_load_counts") or []
-        for layer, counts in zip(self.model.moe_layers(), loads):
-            layer.load_counts.copy_(counts)  # the open logging window, so the next expert_load line matches
+        # the open logging window (load counts, routing-health counters), so the next train line matches
+        windows = state.get("moe_windows_per_rank") or []
+        if windows:
+            for layer, window in zip(self.model.moe_layers(), windows[min(self.rt.rank, len(windows) - 1)]):
+                layer.load_window_state(window)
+        else:  # older checkpoints: load counts only (per rank, or rank 0's)
+            loads = state.get("expert_load_counts_per_rank") or []
+            loads = loads[self.rt.rank] if self.rt.rank < len(loads) else state.get("expert_load_counts") or []
+            for layer, counts in zip(self.model.moe_layers(), loads):
+                layer.load_counts.copy_(counts)
         if state.get("world_size", 1) != self.rt.world_size:
             self.say(f"note: the checkpoint was written by {state.get('world_size')} process(es), this run has "
                      f"{self.rt.world_size}: same global batch, but not bitwise identical to an uninterrupted run")
@@ -380,16 +386,18 @@ class Trainer:
 
     def _save(self) -> None:
         rngs = self.rt.gather(ck.capture_rng())
-        loads = self.rt.gather([layer.load_counts.cpu() for layer in self.model.moe_layers()])  # per rank
+        windows = self.rt.gather([layer.window_state() for layer in self.model.moe_layers()])  # per rank (rank 0)
         # every rank takes part (fsdp gathers the full weights and optimizer state onto rank 0); rank 0 writes
         tensors, optimizer = ck.model_state(self.model), ck.optimizer_state(self.optimizer, self.model)
 
         def write() -> str:
+            loads = [[w["load_counts"] for w in rank] for rank in windows]
             state = {"step": self.step, "tokens": self.step * self.tokens_per_step, "elapsed": self.elapsed,
                      "optimizer": optimizer,
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "rng": rngs, "meter": self.meter, "wandb_id": self.wandb_id,
                      "expert_load_counts": loads[0], "expert_load_counts_per_rank": loads,
+                     "moe_windows_per_rank": windows,
                      "world_size": self.rt.world_size, "loader": {"seed": self.cfg.train.seed, "step": self.step},
                      "scheduler": {"step": self.step, "max_steps": self.max_steps}}
             path = ck.save_checkpoint(self.run_dir, self.step, self.model, state, self.config_dict,
