@@ -15,6 +15,9 @@ the sweep file's `launcher: {slurm: {...}}` options and --slurm key=value on top
 gpus_per_run, mem, account, qos, array_parallelism); it waits for the jobs, or with --no-wait submits and exits, and
 --collect later writes the report from the finished runs and submits the chosen points' runs once a variant's tuning
 is done. --launcher submitit-local runs the same jobs through submitit on this machine.
+
+A sweep with `parent:` (train/sweep.py) trains its parent runs (parent-s<seed>) first; with --no-wait only they are
+submitted until they all finished, then the same command or --collect submits the variants.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import sys
 
 from _cli import make_parser, run_main
 
-from train.compare import run_sweep
+from train.compare import format_parents, run_sweep
 from train.plan import plan_sweep
 from train.errors import ConfigError
 from train.estimate import format_plan, measure_rate
@@ -68,7 +71,11 @@ def main() -> int:
     plan = plan_sweep(args.config, args.overrides, variants=variants, seeds=seeds, out_dir=args.out_dir)
     launcher = build_launcher(plan, args.launcher, jobs, args.slurm, wait=not (args.no_wait or args.collect))
     if args.dry_run:
-        print(format_plan(plan, *measure_rate(plan.all_runs[0].cfg)))
+        rate, rate_label = measure_rate(plan.all_runs[0].cfg)
+        print(format_plan(plan, rate, rate_label))
+        parents = format_parents(plan, rate)
+        if parents:
+            print(parents)
         if launcher is not None:
             print(f"launcher: {launcher.describe()}")
         return 0

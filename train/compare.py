@@ -1,6 +1,7 @@
-"""FFN comparison sweeps, run: train every planned run that is not finished (the tuning grid first, then every seed
-at each variant's chosen point), then write the report. Planning is train/plan.py; the report train/report.py;
-training runs as local jobs or Slurm jobs train/launch.py (without a launcher they train here, one after the other).
+"""FFN comparison sweeps, run: train every planned run that is not finished (a sweep's parent runs first, then the
+tuning grid, then every seed at each variant's chosen point), then write the report. Planning is train/plan.py; the
+report train/report.py; training runs as local jobs or Slurm jobs train/launch.py (without a launcher they train here,
+one after the other).
 """
 from __future__ import annotations
 
@@ -71,6 +72,39 @@ def _train_all(runs: list[PlannedRun], failed: dict[str, str], label: str, launc
             failed[run.name] = DIVERGED
 
 
+def _train_parents(plan: SweepPlan, failed: dict[str, str], launcher=None) -> None:
+    """The sweep's parent runs, before anything else; one that did not finish stops the sweep (its variants would
+    all fail to start), with the reason."""
+    _train_all(plan.parents, failed, "parent", launcher)
+    bad = [p.name for p in plan.parents if p.name in failed]
+    if bad:
+        raise UserError(f"parent run(s) did not finish: {', '.join(f'{n} ({failed[n]})' for n in bad)}; the variants "
+                        "start from them: fix the cause and run the same command again")
+
+
+def parents_finished(plan: SweepPlan) -> bool:
+    return all(run_finished(p) for p in plan.parents)
+
+
+def format_parents(plan: SweepPlan, rate: float) -> Optional[str]:
+    """The --dry-run line on the parent runs (trained first, not reported), or None without any."""
+    from types import SimpleNamespace
+
+    from model.registry import ffn_class
+    from train.estimate import estimate_seconds, run_tokens
+    from train.plan import count_params
+    if not plan.parents:
+        return None
+    cfg = plan.parents[0].cfg
+    counts, fpt, _ = count_params(cfg)
+    sec = estimate_seconds(SimpleNamespace(cfg=cfg, flops_per_token=fpt), rate)
+    return (f"+ {len(plan.parents)} parent runs, trained first (not reported; variants with `parent` start from "
+            f"their seed's): {', '.join(p.name for p in plan.parents)} -> {plan.out_dir}/; "
+            f"{ffn_class(cfg.model.ffn.type).label(cfg.model.ffn)}, {counts['total']:,} params, "
+            f"{run_tokens(cfg):,} tokens each, ~{sec:.0f} s each (+{len(plan.parents) * sec / 60:.1f} min on the "
+            "estimate above)")
+
+
 def failure_message(failed: dict[str, str]) -> str:
     diverged = sorted(n for n, why in failed.items() if why == DIVERGED)
     other = sorted(n for n, why in failed.items() if why != DIVERGED)
@@ -88,18 +122,30 @@ def run_sweep(plan: SweepPlan, command: str = "", report_only: bool = False, lau
     launcher (train/launch.py): None trains here, one run after the other; a LocalPool or a waiting SubmititLauncher
     trains each phase's runs as jobs and returns when they all ended. A SubmititLauncher that does not wait
     (--no-wait) only submits what can run now and returns None (no report); `collect=True` (--collect) then writes the
-    report from the runs on disk and submits the chosen points' runs of variants whose tuning has finished."""
+    report from the runs on disk and submits the chosen points' runs of variants whose tuning has finished.
+
+    Parent runs (a sweep's `parent:`) train first; one that fails stops the sweep. Without waiting, only the parents
+    are submitted while any is unfinished; once they all finished, the same command (or --collect) submits the rest."""
     from train.report import build_report
     for run in plan.all_runs:
         check_existing_run(run)
     failed: dict[str, str] = {}
     if collect:
-        failed.update(launcher.ended_failures(plan.runs))
-        if plan.sweep.tune is not None:
-            resolve_selection(plan, frozenset(failed))
-            check_shared(plan)
-            launcher.train(_todo([r for r in plan.runs if r.reported and not r.tuning
-                                  and not launcher.submitted(r.name)], "run"))
+        failed.update(launcher.ended_failures(plan.parents + plan.runs))
+        if parents_finished(plan):
+            if plan.sweep.tune is not None:
+                resolve_selection(plan, frozenset(failed))
+                check_shared(plan)
+            # the chosen points' runs, and with parents every run that waited for them (those never submitted)
+            waited = [r for r in plan.runs if r.reported and not r.tuning] if plan.parents or plan.sweep.tune else []
+            if plan.parents:
+                waited = [r for r in plan.runs if r.tuning] + waited
+            launcher.train(_todo([r for r in waited if not launcher.submitted(r.name)], "run"))
+    elif not report_only and launcher is not None and not launcher.waits and not parents_finished(plan):
+        launcher.train(_todo(plan.parents, "parent"))
+        print("submitted the parent runs only: the variants start from them; once they finished, the same command "
+              "(or `--collect`) submits the rest", flush=True)
+        return None
     elif not report_only and launcher is not None and not launcher.waits:
         todo = _todo([r for r in plan.runs if r.tuning], "tune") if plan.sweep.tune is not None else []
         launcher.train(todo + _todo([r for r in plan.runs if r.reported and not r.tuning], "run"))
@@ -108,13 +154,17 @@ def run_sweep(plan: SweepPlan, command: str = "", report_only: bool = False, lau
               "resubmits failed runs", flush=True)
         return None
     elif not report_only:
+        _train_parents(plan, failed, launcher)
         if plan.sweep.tune is not None:
             _train_all([r for r in plan.runs if r.tuning], failed, "tune", launcher)
             resolve_selection(plan, frozenset(failed))
             check_shared(plan)
         _train_all([r for r in plan.runs if r.reported and not r.tuning], failed, "run", launcher)
     doc = build_report(plan, command)
-    if collect:
+    if collect and not parents_finished(plan):
+        print("parent run(s) not finished yet, the variants are submitted once they all are: --collect again later",
+              flush=True)
+    elif collect:
         waiting = [r.name for r in plan.runs if (r.reported or r.tuning) and r.name not in failed
                    and not run_finished(r)]
         if waiting or plan.pending:

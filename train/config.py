@@ -136,6 +136,9 @@ class TrainConfig(_Section):
     sample_top_k: Optional[int] = 50
     # FLOP/s that MFU is measured against; null = the cached best-of-k matmul peak of this machine (train/hardware.py)
     peak_flops: Optional[float] = None
+    # Run directory of a finished run of the same model: a fresh run starts from its model.safetensors, with a fresh
+    # optimizer and schedule (train/upcycle.py's init_from; a resumed run keeps its checkpoint). null = random init.
+    init_from: Optional[str] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +175,8 @@ class TrainConfig(_Section):
             raise ValueError(f"train.sample_temperature must be >= 0 (0 = greedy), got {self.sample_temperature}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("train.init_from must be the directory of a finished run, or null")
         return self
 
 
@@ -198,6 +203,13 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.train.init_from and self.model.ffn.upcycle_from:
+            raise ValueError("train.init_from and model.ffn.upcycle_from are both set; valid: one of them (init_from: "
+                             "a finished run of the same model, upcycle_from: an MoE from a finished dense run)")
+        return self
 
     @property
     def run_name(self) -> str:

@@ -6,6 +6,11 @@ train/runs.py. Tuning (a sweep's `tune:` grid): every variant trains once per gr
 with the lowest *tuning* loss (`tune_loss`: the tuning half of the validation blocks, see train/data/loader.py) is
 chosen for that variant and size, and all seeds then run at it. Selection never reads the reporting blocks
 (`val_loss`), which are the only numbers a report's tables and verdicts use.
+
+A sweep's `parent:` (train/sweep.py) adds one run per seed, `parent-s<seed>` (SweepPlan.parents: neither reported nor
+tuning, trained first by train/compare.py); a variant's override value `parent` for train.init_from or
+model.ffn.upcycle_from becomes that seed's parent directory here, and the variant's model is checked against the
+parent's planned one (same model for init_from, the upcycling rules for upcycle_from) before anything trains.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from typing import Any, Optional
 from train.config import RunConfig, load_config, parse_override
 from train.errors import ConfigError
 from train.runs import is_finished, read_final
-from train.sweep import (ALLOWED_VARIANT_KEYS, FORBIDDEN_MODEL_KEYS, SweepConfig, check_sweep_key, flatten,
-                         load_sweep)
+from train.sweep import (ALLOWED_VARIANT_KEYS, FORBIDDEN_MODEL_KEYS, PARENT, PARENT_KEYS, SweepConfig,
+                         check_parent_value, check_sweep_key, flatten, load_sweep)
 
 @dataclass
 class PlannedRun:
@@ -80,10 +85,11 @@ class SweepPlan:
     seeds: list[int] = field(default_factory=list)
     selections: dict[tuple, Selection] = field(default_factory=dict)  # (variant, size, level name) -> tuning
     pending: int = 0  # final runs not planned yet: they wait for their variant's tuning
+    parents: list[PlannedRun] = field(default_factory=list)  # the sweep's `parent:` runs, one per seed, trained first
 
     @property
     def all_runs(self) -> list[PlannedRun]:
-        return self.runs + self.reference_runs
+        return self.parents + self.runs + self.reference_runs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,8 +125,9 @@ def plan_sweep(sweep_path: str | Path, cli_overrides: list[str] = (), variants: 
     sweep, base = load_sweep(sweep_path)
     tuned = set(sweep.tune.grid) if sweep.tune else set()
     for text in cli_overrides:
-        key, _ = parse_override(text)
+        key, value = parse_override(text)
         check_sweep_key(key, "command line")
+        check_parent_value(key, value, "command line")
         if key in tuned:
             raise ConfigError(f"command line: '{key}' is tuned by the sweep (tune:); change the grid instead")
         if key in (sweep.factors or {}):
@@ -152,8 +159,10 @@ def plan_sweep(sweep_path: str | Path, cli_overrides: list[str] = (), variants: 
             plan.ladder[size][variant] = _variant_info(sweep, variant, first.cfg, size)
         check_param_match(plan, plan.ladder[size], size)
     plan.variants = plan.ladder[sweep.size_names[-1]]
+    plan.parents = _plan_parents(plan, chosen)
     resolve_selection(plan)
     check_shared(plan)
+    check_parents(plan)
     return plan
 
 
@@ -174,16 +183,66 @@ def _size_overrides(plan: SweepPlan, size: Optional[str]) -> list[str]:
 
 def _load(plan: SweepPlan, variant: str, middle: list[str], name: str, seed: int = 0) -> RunConfig:
     """base + sweep overrides + `middle` + variant overrides + command line + what the sweep owns."""
+    variant_over = [_as_override(k, parent_dir(plan, seed) if k in PARENT_KEYS and v == PARENT else v)
+                    for k, v in flatten(plan.sweep.variants[variant].overrides).items()]
+    return _load_run(plan, variant, middle + variant_over, name, seed, f"variant '{variant}'")
+
+
+def _load_run(plan: SweepPlan, label: str, middle: list[str], name: str, seed: int, what: str) -> RunConfig:
     sweep = plan.sweep
     over = [_as_override(k, v) for k, v in flatten(sweep.overrides).items()] + middle
-    over += [_as_override(k, v) for k, v in flatten(sweep.variants[variant].overrides).items()]
     over += [*plan.cli_overrides, _as_override("name", name), _as_override("train.seed", seed),
              _as_override("train.out_dir", str(plan.out_dir / name)), _as_override("wandb.group", sweep.name),
-             _as_override("wandb.tags", [variant, sweep.name])]
+             _as_override("wandb.tags", [label, sweep.name])]
     try:
         return load_config(plan.base_path, over)
     except ConfigError as e:
-        raise ConfigError(f"{plan.sweep_path}: variant '{variant}': {e}") from None
+        raise ConfigError(f"{plan.sweep_path}: {what}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent runs (a sweep's `parent:`)
+
+def parent_dir(plan: SweepPlan, seed: int) -> str:
+    """The run directory of a seed's parent, as the variants' configs name it (relative like train.out_dir)."""
+    return str(plan.out_dir / f"{PARENT}-s{seed}")
+
+
+def uses_parent(sweep: SweepConfig, variant: str) -> bool:
+    return any(k in PARENT_KEYS and v == PARENT for k, v in flatten(sweep.variants[variant].overrides).items())
+
+
+def _plan_parents(plan: SweepPlan, chosen: list[str]) -> list[PlannedRun]:
+    """One parent per seed that a planned run may use (the tuning seed too), when a chosen variant starts from it."""
+    sweep = plan.sweep
+    if sweep.parent is None or not any(uses_parent(sweep, v) for v in chosen):
+        return []
+    over = flatten(sweep.parent.overrides)
+    middle = [_as_override(k, v) for k, v in over.items()]
+    if "train.max_steps" in over and "train.max_tokens" not in over:
+        middle.append(_as_override("train.max_tokens", None))  # its steps, not the variants' token budget
+    seeds = dict.fromkeys([*([sweep.tune_seed] if sweep.tune else []), *plan.seeds])
+    return [PlannedRun(PARENT, s, _load_run(plan, PARENT, middle, f"{PARENT}-s{s}", s, "parent"), reported=False)
+            for s in seeds]
+
+
+def check_parents(plan: SweepPlan) -> None:
+    """Refuse, before the parents train, a variant that could not start from its parent: init_from needs the same
+    model config, upcycle_from an MoE that fits the parent's FFN (train/upcycle.py's rules)."""
+    from train.upcycle import INIT_KEY, check_upcycle, model_differences
+    parents = {parent_dir(plan, p.seed): p for p in plan.parents}
+    for run in plan.runs:
+        parent = parents.get(run.cfg.train.init_from)
+        diff = ", ".join(model_differences(run.cfg.model, parent.cfg.model)) if parent is not None else ""
+        if diff:
+            raise ConfigError(f"{plan.sweep_path}: variant '{run.variant}': {INIT_KEY}={PARENT} needs the parent's "
+                              f"model; it differs in {diff} (an MoE from the parent: model.ffn.upcycle_from)")
+        parent = parents.get(run.cfg.model.ffn.upcycle_from)
+        if parent is not None:
+            try:
+                check_upcycle(run.cfg.model, parent.cfg.model, Path(parent.cfg.out_dir))
+            except ConfigError as e:
+                raise ConfigError(f"{plan.sweep_path}: variant '{run.variant}': {e}") from None
 
 
 def _planned(plan: SweepPlan, variant: str, size: Optional[str], size_over: list[str], point: dict,
@@ -206,7 +265,7 @@ def check_shared(plan: SweepPlan) -> None:
     if plan.sweep.tune:
         skip |= set(plan.sweep.tune.grid) | ({"train.min_lr"} if "train.lr" in plan.sweep.tune.grid else set())
     first: dict[tuple, tuple[str, dict]] = {}
-    for run in plan.all_runs:
+    for run in plan.runs + plan.reference_runs:  # not the parents: their budget is their own
         d = flatten(run.cfg.to_dict())
         shared = {k: v for k, v in d.items() if (k.split(".")[0] in ("data", "train") or k in FORBIDDEN_MODEL_KEYS)
                   and k not in skip}

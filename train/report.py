@@ -212,12 +212,23 @@ def summarize(plan, results: list[RunResult], command: str = "") -> dict:
                           "verdicts": _verdicts(cells[(largest, lv)], sweep.baseline)}
                          for lv, values in zip(levels, sweep.levels)]
         doc["agreement"] = agreement(doc["levels"])
+    if getattr(plan, "parents", None):
+        doc["parent"] = parent_summary(plan.parents)
     if sweep.tune:
         doc["tuning"] = [{"variant": sel.variant, "size": sel.size, "level": sel.level,
                           "points": [{"values": p, "tune_loss": loss} for p, loss in zip(sel.points, sel.tune_losses)],
                           "chosen": sel.points[sel.chosen] if sel.chosen is not None else None,
                           "on_edge": sel.on_edge} for sel in plan.selections.values()]
     return doc
+
+
+def parent_summary(parents: list) -> dict:
+    """The sweep's parent runs (trained first, not in the tables): their directories and mean final val loss."""
+    from train.runs import read_final
+    finals = [read_final(p.cfg.out_dir) or {} for p in parents]
+    losses = [f["val_loss"] for f in finals if f.get("val_loss") is not None]
+    return {"runs": [str(p.cfg.out_dir) for p in parents], "finished": len(losses),
+            "val_loss_mean": statistics.fmean(losses) if losses else None}
 
 
 def agreement(levels: list[dict]) -> list[dict]:

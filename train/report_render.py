@@ -209,6 +209,12 @@ def render_markdown(doc: dict) -> str:
         "per UTF-8 byte.",
         f"- {doc['stats_rule']}",
     ]
+    if doc.get("parent"):
+        p = doc["parent"]
+        loss = f"{p['val_loss_mean']:.4f}" if p["val_loss_mean"] is not None else "–"
+        lines.append(f"- Parent runs (trained first; variants with `parent` continue or upcycle their seed's; not in "
+                     f"the tables): {', '.join(f'`{r}`' for r in p['runs'])}; final validation loss mean {loss} "
+                     f"({p['finished']}/{len(p['runs'])} finished)")
     if doc["missing_runs"] or doc.get("pending_runs"):
         pending = f"; {doc['pending_runs']} run(s) wait for tuning" if doc.get("pending_runs") else ""
         lines.append(f"- **Incomplete**: no final metrics for {', '.join(doc['missing_runs']) or '–'}{pending}")

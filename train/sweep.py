@@ -21,12 +21,24 @@ A sweep file (configs/compare/*.yaml):
     budget: {tokens_per_param: 20} # optional with sizes: train.max_tokens = r × the baseline's non-embedding params
     factors:                       # optional: a second factor crossed with the variants (every level is a sub-sweep:
       train.optimizer: [adamw, muon]   # variants are ranked, tuned and judged within each level)
+    parent:                        # optional: a run trained first, once per seed, that variants start from
+      overrides: {model.ffn.type: glu, train.max_steps: 200}
 
 Optional: description, out_dir, match (sweep-wide), sample_count, and per variant family/description; `extends:
 other-sweep.yaml` reuses a sweep file, the keys given here replacing the parent's. Variant overrides may only touch
 the model (and harmless run mechanics, ALLOWED_VARIANT_KEYS), so every variant sees the same tokenizer, data order per
 seed, validation blocks, token budget, optimizer and schedule — except the values of the tuning grid, which each
 variant gets to choose for itself by the same rule.
+
+`parent:` (continued training vs upcycling at equal extra tokens, configs/compare/upcycle.yaml): one run per seed,
+`parent-s<seed>` in the sweep directory, trained before every other run (train/compare.py) and not reported. Its
+config is base + sweep overrides + parent.overrides (+ command line); those may set what a variant may, plus the
+parent's own budget and schedule (PARENT_TRAIN_KEYS: it is shared by every variant, so they stay fair); a parent
+budget in steps clears a sweep-wide train.max_tokens. A variant starts from its seed's parent with the value `parent`
+for train.init_from (the same model, trained on) or model.ffn.upcycle_from (an MoE whose experts copy its FFN),
+replaced by `<out_dir>/parent-s<seed>` when planned. The variants' own budget (the sweep's) is then the *extra*
+tokens, equal for all; a variant from scratch sees fewer tokens in total. Not with `sizes:` (one parent shape); with
+`factors:`, every level continues from the same parent.
 """
 from __future__ import annotations
 
@@ -39,9 +51,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from train.config import read_yaml
 from train.errors import ConfigError
 
-# Keys (besides model.*) a variant may change: they do not change what the model sees or how it is optimised.
+# Keys (besides model.*) a variant may change: they do not change what the model sees or how it is optimised
+# (train.init_from: which weights it starts from, like model.ffn.upcycle_from).
 ALLOWED_VARIANT_KEYS = ("train.compile", "train.num_threads", "train.log_interval", "train.ckpt_interval",
-                        "train.keep_last")
+                        "train.keep_last", "train.init_from")
 # model.* keys a variant may not change: they decide the tokenizer size and the tokens per sequence.
 FORBIDDEN_MODEL_KEYS = ("model.vocab_size", "model.max_seq_len")
 # Set by the sweep itself for every run; a sweep or command-line override of these is refused.
@@ -49,6 +62,12 @@ SWEEP_OWNED_KEYS = ("name", "train.seed", "train.out_dir", "wandb.group")
 # Optimisation hyperparameters a tuning grid may search: each variant picks its own value by tuning loss.
 TUNABLE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2",
                 "train.eps", "train.grad_clip")
+# Variant keys whose value `parent` means "this seed's parent run" (sweep `parent:`), and that value.
+PARENT_KEYS = ("train.init_from", "model.ffn.upcycle_from")
+PARENT = "parent"
+# What the parent's overrides may set besides the variant keys: its own budget and schedule (not init keys).
+PARENT_TRAIN_KEYS = ("train.max_steps", "train.max_tokens", "train.lr", "train.min_lr", "train.warmup_steps",
+                     "train.eval_interval")
 # What a ladder size may set (the same for every variant at that size): the model's shape and the token budget.
 SIZE_KEYS = ("model.hidden_size", "model.num_hidden_layers", "model.num_attention_heads", "model.num_key_value_heads",
              "train.max_steps", "train.max_tokens", "train.micro_batch_size", "train.grad_accum",
@@ -61,6 +80,23 @@ class VariantSpec(BaseModel):
     match: Optional[bool] = None  # None: the sweep's `match`; False: excluded from the parameter-match check
     family: Optional[str] = None  # optional line label for the "final loss vs size" plots (e.g. gelu, swiglu)
     description: Optional[str] = None
+
+
+class ParentSpec(BaseModel):
+    """The parent run of every seed (see the module docstring); `parent: {model.ffn.type: glu}` is short for
+    `parent: {overrides: {model.ffn.type: glu}}`."""
+    model_config = ConfigDict(extra="forbid")
+    overrides: dict[str, Any] = {}
+    description: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, dict) and not set(value) <= set(cls.model_fields):
+            rest = {k: v for k, v in value.items() if k not in cls.model_fields}
+            value = {**{k: v for k, v in value.items() if k in cls.model_fields},
+                     "overrides": {**(value.get("overrides") or {}), **rest}}
+        return value
 
 
 class TuneSpec(BaseModel):
@@ -126,6 +162,7 @@ class SweepConfig(BaseModel):
     # {slurm: {partition, time, cpus_per_run, gpus_per_run, mem, account, qos, array_parallelism}}: the options of
     # `scripts/compare.py --launcher slurm`, validated by train/launch.py (they never change a run's result)
     launcher: Optional[dict[str, Any]] = None
+    parent: Optional[ParentSpec] = None  # a run per seed, trained first, that variants start from
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -177,6 +214,10 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"factors: '{key}' is also tuned (tune:); it can be one or the other")
             if len(levels) < 2 or len(set(map(str, levels))) != len(levels):
                 raise ValueError(f"factors: {key} needs at least 2 distinct levels, got {levels}")
+        if self.parent is not None and self.sizes:
+            raise ValueError("parent: does not go with sizes: (one parent shape per seed); drop one of them")
+        if self.parent is not None and PARENT in self.variants:
+            raise ValueError(f"variant name '{PARENT}' is taken by the parent runs (parent-s<seed>); rename it")
         return self
 
     def variant_matched(self, name: str) -> bool:
@@ -230,11 +271,17 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
     base = (path.parent / sweep.base).resolve()
     if not base.exists():
         raise ConfigError(f"{path}: base training config not found: {base}")
-    for key in flatten(sweep.overrides):
+    for key, value in flatten(sweep.overrides).items():
         check_sweep_key(key, f"{path}: overrides")
+        check_parent_value(key, value, f"{path}: overrides")
     for name, spec in sweep.variants.items():
-        for key in flatten(spec.overrides):
+        for key, value in flatten(spec.overrides).items():
             _check_variant_key(key, f"{path}: variant '{name}'")
+            if value == PARENT and key in PARENT_KEYS and sweep.parent is None:
+                raise ConfigError(f"{path}: variant '{name}': {key}: {PARENT} needs a `parent:` section (the run it "
+                                  f"names); valid: a run directory, or add parent: {{overrides: {{...}}}}")
+    for key in flatten(sweep.parent.overrides if sweep.parent else {}):
+        _check_parent_key(key, f"{path}: parent")
     for name, over in (sweep.sizes or {}).items():
         for key in flatten(over or {}):
             if key not in SIZE_KEYS:
@@ -266,6 +313,24 @@ def _check_variant_key(key: str, where: str) -> None:
         raise ConfigError(f"{where}: may not override '{key}' (variants share data, budget, optimizer, schedule and "
                           f"seed); allowed: model.* except {', '.join(FORBIDDEN_MODEL_KEYS)}, "
                           f"{', '.join(ALLOWED_VARIANT_KEYS)}")
+
+
+def _check_parent_key(key: str, where: str) -> None:
+    mechanics = [k for k in ALLOWED_VARIANT_KEYS if k not in PARENT_KEYS]
+    not_model = [*FORBIDDEN_MODEL_KEYS, *(k for k in PARENT_KEYS if k.startswith("model."))]
+    model_key = key.startswith("model.") and key not in not_model
+    if not (model_key or key in mechanics or key in PARENT_TRAIN_KEYS):
+        raise ConfigError(f"{where}: may not set '{key}' (the parent shares data, optimizer and seed with the "
+                          f"variants, and starts from scratch); allowed: model.* except {', '.join(not_model)}, "
+                          f"{', '.join((*mechanics, *PARENT_TRAIN_KEYS))}")
+
+
+def check_parent_value(key: str, value: Any, where: str) -> None:
+    """The value `parent` is replaced in variant overrides only; anywhere else (sweep-wide or command-line overrides,
+    which the parent run gets too) it would name a directory called 'parent'."""
+    if key in PARENT_KEYS and value == PARENT:
+        raise ConfigError(f"{where}: {key}={PARENT} is for variant overrides only (the parent run gets these "
+                          f"overrides too); set it on each variant that starts from the parent")
 
 
 def check_sweep_key(key: str, where: str) -> None:

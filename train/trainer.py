@@ -95,6 +95,9 @@ class Trainer:
         if ckpt is None and getattr(cfg.model.ffn, "upcycle_from", None):  # a fresh MoE from a finished dense run
             from train.upcycle import upcycle
             upcycle(self.model, cfg.model, self.prepared.tokenizer_path, say=self.say)
+        elif ckpt is None and t.init_from:  # a fresh run from a finished run of the same model (fresh optimizer)
+            from train.upcycle import init_from
+            init_from(self.model, cfg, self.prepared.tokenizer_path, say=self.say)
         if rt.fsdp and t.optimizer == "muon" and any(p.ndim == 3 for p in self.model.parameters()):
             raise ConfigError("train.optimizer=muon with train.parallel=fsdp does not take MoE expert stacks yet "
                               "(Muon orthogonalises each expert's matrix; FSDP shards the stack across experts): "

@@ -21,23 +21,33 @@ Equal means up to fp32 rounding: the MoE adds gate-weighted partial outputs wher
 Refused, with the reason: a parent that is not a finished dense or GLU run, another model shape, expert type or
 activation, a width that does not divide the parent's, shared or null experts (no parent counterpart), another
 tokenizer. Weights are read from the parent's model.safetensors only (safetensors, never pickle).
+
+Continuing (`train.init_from: <run dir>`): a fresh run of the *same* model starts from a finished run's weights, with
+a fresh optimizer and schedule: the "train the dense model on" control that an upcycled MoE is compared against at
+equal extra tokens (configs/compare/upcycle.yaml). Refused: a parent that is not a finished run, one whose model.*
+config differs from this run's (the keys are listed), another tokenizer, and combining it with upcycle_from.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from train.checkpoint import WEIGHTS, load_weights
-from train.config import read_yaml, validate_config
+from train.config import RunConfig, read_yaml, validate_config
 from train.errors import ConfigError
 from train.runs import read_final
+from train.sweep import flatten
 
 # model.* keys that must equal the parent's for its weights to mean the same thing
 SAME_MODEL_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "tie_word_embeddings", "rope_theta", "rms_norm_eps")
 KEY = "model.ffn.upcycle_from"
+INIT_KEY = "train.init_from"
+# model.* keys that say where the weights came from, not what the model is: a continued upcycled MoE keeps its own
+PROVENANCE_KEYS = ("model.ffn.upcycle_from",)
 
 
 def upcycle(model: torch.nn.Module, model_cfg, tokenizer_path: Optional[str | Path] = None,
@@ -47,10 +57,27 @@ def upcycle(model: torch.nn.Module, model_cfg, tokenizer_path: Optional[str | Pa
     from model.config import resolve_d_ff
     from model.model_minimind import MiniMindForCausalLM
 
-    ffn = model_cfg.ffn
-    parent_dir = Path(ffn.upcycle_from)
+    parent_dir = Path(model_cfg.ffn.upcycle_from)
     parent_cfg = _parent_config(parent_dir)
-    pm = parent_cfg.model
+    segments = check_upcycle(model_cfg, parent_cfg.model, parent_dir)
+    _check_tokenizer(parent_dir, tokenizer_path, KEY)
+    pm, ffn = parent_cfg.model, model_cfg.ffn
+    width = resolve_d_ff(ffn, model_cfg.hidden_size)
+    parent = MiniMindForCausalLM(pm)
+    load_weights(parent, parent_dir / WEIGHTS)
+    _copy(parent, model, segments, width, pm.ffn.type == "glu")
+    info = {"parent": str(parent_dir), "segments": segments, "copies_per_segment": ffn.n_experts // segments}
+    what = "copies of the parent FFN" if segments == 1 else f"{segments} segments of the parent FFN (down × {segments})"
+    say(f"upcycled from {parent_dir}: {ffn.n_experts} experts = {what}")
+    return info
+
+
+def check_upcycle(model_cfg, pm, parent_dir: Path) -> int:
+    """Refuse an MoE `model_cfg` that cannot start from a parent of model config `pm` (read from its run directory,
+    or planned by a sweep before the parent exists); returns G, the parent FFN segments per expert."""
+    from model.config import resolve_d_ff
+
+    ffn = model_cfg.ffn
     if ffn.type != "moe":
         raise ConfigError(f"{KEY} needs model.ffn.type=moe (this run's type is {ffn.type})")
     if pm.ffn.type not in ("glu", "dense"):
@@ -70,24 +97,48 @@ def upcycle(model: torch.nn.Module, model_cfg, tokenizer_path: Optional[str | Pa
     if f_parent % width or ffn.n_experts % (f_parent // width):
         raise ConfigError(f"{KEY}: model.ffn.d_ff={width} must divide the parent's FFN width {f_parent} into G "
                           f"segments with n_experts={ffn.n_experts} a multiple of G (copies: d_ff={f_parent})")
+    return f_parent // width
+
+
+def init_from(model: torch.nn.Module, cfg: RunConfig, tokenizer_path: Optional[str | Path] = None,
+              say: Callable[[str], None] = print) -> dict:
+    """Load train.init_from's model.safetensors into `model` (freshly built from cfg.model, vocabulary resolved).
+    Call before the optimizer and any parallel wrapping/sharding, and only for a fresh run (a resumed run has its
+    own checkpoint). Returns {parent}."""
+    parent_dir = Path(cfg.train.init_from)
+    if cfg.model.ffn.upcycle_from:  # the config schema refuses this too; a config built in Python may not be checked
+        raise ConfigError(f"{INIT_KEY} and {KEY} are both set; set one (init_from: the same model, upcycle_from: an "
+                          f"MoE from a dense parent)")
+    parent_cfg = _parent_config(parent_dir, INIT_KEY)
+    diff = model_differences(cfg.model, parent_cfg.model)
+    if diff:
+        raise ConfigError(f"{INIT_KEY}={parent_dir}: the parent's model differs in {', '.join(diff)}; init_from "
+                          f"needs the same model.* config (an MoE from a dense parent: {KEY})")
+    _check_tokenizer(parent_dir, tokenizer_path, INIT_KEY)
+    load_weights(model, parent_dir / WEIGHTS)
+    say(f"initialised from {parent_dir}: its weights, a fresh optimizer and schedule")
+    return {"parent": str(parent_dir)}
+
+
+def model_differences(model_cfg, parent_model_cfg) -> list[str]:
+    """The model.* keys (dotted) whose values differ between two model configs, provenance keys aside."""
+    mine = flatten({"model": dataclasses.asdict(model_cfg)})
+    theirs = flatten({"model": dataclasses.asdict(parent_model_cfg)})
+    return sorted(k for k in set(mine) | set(theirs)
+                  if k not in PROVENANCE_KEYS and mine.get(k) != theirs.get(k))
+
+
+def _check_tokenizer(parent_dir: Path, tokenizer_path: Optional[str | Path], key: str) -> None:
     if tokenizer_path is not None and (parent_dir / "tokenizer.json").read_bytes() != Path(tokenizer_path).read_bytes():
-        raise ConfigError(f"{KEY}: {parent_dir / 'tokenizer.json'} differs from this run's tokenizer; the parent's "
+        raise ConfigError(f"{key}: {parent_dir / 'tokenizer.json'} differs from this run's tokenizer; the parent's "
                           f"embeddings belong to its own tokenizer")
-    parent = MiniMindForCausalLM(pm)
-    load_weights(parent, parent_dir / WEIGHTS)
-    segments = f_parent // width
-    _copy(parent, model, segments, width, pm.ffn.type == "glu")
-    info = {"parent": str(parent_dir), "segments": segments, "copies_per_segment": ffn.n_experts // segments}
-    what = "copies of the parent FFN" if segments == 1 else f"{segments} segments of the parent FFN (down × {segments})"
-    say(f"upcycled from {parent_dir}: {ffn.n_experts} experts = {what}")
-    return info
 
 
-def _parent_config(parent_dir: Path):
+def _parent_config(parent_dir: Path, key: str = KEY) -> RunConfig:
     if not (parent_dir / "config.yaml").is_file():
-        raise ConfigError(f"{KEY}={parent_dir}: not a run directory (no config.yaml)")
+        raise ConfigError(f"{key}={parent_dir}: not a run directory (no config.yaml)")
     if read_final(parent_dir) is None or not (parent_dir / WEIGHTS).is_file():
-        raise ConfigError(f"{KEY}={parent_dir}: not a finished run (no final record in metrics.jsonl or no {WEIGHTS})")
+        raise ConfigError(f"{key}={parent_dir}: not a finished run (no final record in metrics.jsonl or no {WEIGHTS})")
     return validate_config(read_yaml(parent_dir / "config.yaml"), source=str(parent_dir / "config.yaml"))
 
 
