@@ -34,16 +34,40 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and *signed* sin tables (T, C) for the "rotate_half" layout of LLaMA/MiniMind, which rotates the pairs
+    (i, i + C/2): out = x·cos + flip_halves(x)·sin with sin's first half negated (see `Rope`)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles_TC = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq).repeat(1, 2)
-    return angles_TC.cos(), angles_TC.sin()
+    sign_C = torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)])
+    return angles_TC.cos(), angles_TC.sin() * sign_C
 
 
-def apply_rope(x_BTHC: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + C/2) (the "rotate_half" layout of LLaMA/MiniMind)."""
-    x1, x2 = x_BTHC.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x_BTHC * cos_TC[:, None, :] + rotated * sin_TC[:, None, :]
+def _flip_halves(x_BTNC: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x2, x1) along the head dim: one copy, where the textbook cat((-x2, x1)) is a neg and a cat."""
+    return x_BTNC.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+
+class Rope(torch.autograd.Function):
+    """RoPE as a rotation with its own backward: x·cos + flip(x)·sin forward, g·cos + flip(g·sin) backward (the
+    transposed rotation), instead of autograd through neg + cat forward and slices + neg backward. The same products
+    and sums as the textbook form (the sign sits in the table, and (-a)·b = -(a·b) exactly): bit-identical results.
+    Measured at configs/bench/small.yaml's shapes (bf16, 2 threads, AMX): no faster in eager (paired ratio 0.96×,
+    noise); it is fewer ops for torch.compile to trace and one call for queries and keys."""
+
+    @staticmethod
+    def forward(ctx, x_BTNC, cos_TC, sin_TC):
+        ctx.save_for_backward(cos_TC, sin_TC)
+        return x_BTNC * cos_TC[:, None, :] + _flip_halves(x_BTNC) * sin_TC[:, None, :]
+
+    @staticmethod
+    def backward(ctx, g_BTNC):
+        cos_TC, sin_TC = ctx.saved_tensors
+        return g_BTNC * cos_TC[:, None, :] + _flip_halves(g_BTNC * sin_TC[:, None, :]), None, None
+
+
+def apply_rope(x_BTNC: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + C/2) of every head; N heads of any kind (queries and keys go in one call)."""
+    return Rope.apply(x_BTNC, cos_TC, sin_TC)
 
 
 class Attention(nn.Module):
@@ -59,9 +83,10 @@ class Attention(nn.Module):
     def forward(self, x_BTD, cos_TC, sin_TC, past_kv=None, use_cache=False):
         B, T, _ = x_BTD.shape
         H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x_BTD).split([H * C, G * C, G * C], dim=-1)
-        q_BHTC = apply_rope(q.view(B, T, H, C), cos_TC, sin_TC).transpose(1, 2)
-        k_BGTC = apply_rope(k.view(B, T, G, C), cos_TC, sin_TC).transpose(1, 2)
+        qk, v = self.qkv_proj(x_BTD).split([(H + G) * C, G * C], dim=-1)
+        # queries and keys rotated in one call: half the kernels of rotating them one after the other
+        q_BTHC, k_BTGC = apply_rope(qk.unflatten(-1, (H + G, C)), cos_TC, sin_TC).split([H, G], dim=2)
+        q_BHTC, k_BGTC = q_BTHC.transpose(1, 2), k_BTGC.transpose(1, 2)
         v_BGTC = v.view(B, T, G, C).transpose(1, 2)
         past_len = 0
         if past_kv is not None:

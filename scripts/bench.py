@@ -9,8 +9,10 @@ at least: variant, tokens_per_s, mfu, peak_matmul_flops, step_ms_median, peak_me
 model and its best matmul instructions: AMX, AVX-512-BF16, AVX-512 or AVX2), gpu (on CUDA), machine_peak_flops and
 train_mfu (against the cached peak that training runs divide by). "vs base" (JSON: tokens_per_s_vs_baseline) is the
 median over rounds of the variant's tokens/s ÷ the baseline's in the same round (paired, so machine noise mostly
-cancels: quote this ratio rather than two absolute numbers). --profile N adds one profiled step per variant
-(torch.profiler) and prints its N most expensive operators by self time to stderr.
+cancels: quote this ratio rather than two absolute numbers). After the timed rounds one more step per variant runs
+under torch.profiler: `breakdown` splits its self time into matmul / attention / everything else (elementwise work,
+casts, copies, routing, the optimizer), printed under the table; --profile N also prints that step's N most expensive
+operators by self time to stderr.
 """
 import json
 import sys
@@ -34,6 +36,10 @@ def format_table(results: list[dict]) -> str:
                  f"{d_out}); {r['device']} {r['dtype']}, {r['threads']} thread(s), torch "
                  f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
                  f"{r['peak_mem_source']}")
+    lines.append("one profiled step (self time, torch.profiler): " + "; ".join(
+        f"{x['variant']} matmul {x['breakdown']['matmul_frac']:.0%} / attention {x['breakdown']['attention_frac']:.0%}"
+        f" / everything else {x['breakdown']['other_frac']:.0%} of {x['breakdown']['profiled_ms']:.0f} ms"
+        for x in results))
     gpu = f"; GPU {r['gpu']}" if r.get("gpu") else ""
     lines.append(f"CPU {r['cpu']} (matmul ISA {r['cpu_isa']}){gpu}; MFU as training logs it (vs the cached "
                  f"square-matmul peak {r['machine_peak_flops'] / 1e9:.1f} GFLOP/s): " +

@@ -11,6 +11,7 @@ os.environ["MINIMIND_CACHE_DIR"] = tempfile.mkdtemp(prefix="minimind-cache-tests
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,20 @@ def tiny_run(tiny_data_cache, tmp_path_factory):
                        "train.peak_flops=1e12"])
     train(cfg)
     return out
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """The project's per-user cache (matmul peak, dtype probe: train/hardware.py cache_dir()) in a temporary
+    directory."""
+    monkeypatch.setenv("MINIMIND_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls only lose from threads, badly so on a busy machine (the tests share 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,12 +25,7 @@ NEW = [("dense", "xielu"), ("dense", "polyrelu"), ("dense", "polynorm"), ("dense
 TRAINABLE = [(t, a) for t, a in NEW if a in TRAINABLE_ACTIVATIONS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def model_of(ffn_type: str, activation: str, hidden: int = 64, layers: int = 2) -> MiniMindForCausalLM:

@@ -28,14 +28,14 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def tiny_base(tmp: Path, cache: Path) -> Path:
-    """configs/tiny.yaml cut down further: two plays, a 320-token vocabulary, 6 steps."""
+def tiny_base(tmp: Path, cache: Path, **train) -> Path:
+    """configs/tiny.yaml cut down further: two plays, a 320-token vocabulary, 6 steps (`train` keys replace these)."""
     return write_yaml(tmp / "tiny-base.yaml", {
         "extends": str(ROOT / "configs" / "tiny.yaml"),
         "data": {"val_plays": ["macbeth"], "max_documents": 2, "cache_dir": str(cache),
                  "tokenizer": {"vocab_size": 320}},
         "train": {"max_steps": 6, "warmup_steps": 2, "log_interval": 2, "eval_interval": 3, "eval_tokens": 2048,
-                  "ckpt_interval": 3, "sample_max_new_tokens": 8, "sample_prompts": ["ROMEO:"]},
+                  "ckpt_interval": 3, "sample_max_new_tokens": 8, "sample_prompts": ["ROMEO:"], **train},
         "wandb": {"mode": "disabled"},
     })
 

@@ -24,13 +24,7 @@ TEXT = ("ROMEO: But, soft! what light through yonder window breaks? It is the ea
         "JULIET: O Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name; héllo ✓\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls only lose from threads, badly so on a busy machine (the tests share 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(seed=0, tie=True, **ffn) -> MiniMindForCausalLM:

@@ -3,7 +3,7 @@
 - MoE: grouped-matmul dispatch and the split-per-expert loop vs a naive per-token loop with autograd
   (tests/moe_reference.py).
 - AdamW: the fused implementation that build_optimizer picks vs torch's plain for-loop AdamW.
-- torch.compile (train.compile): the compiled model vs the same weights in eager mode, dense and MoE.
+- torch.compile (train.compile): the compiled model (whole, or per block) vs the same weights in eager mode.
 """
 import copy
 from types import SimpleNamespace
@@ -14,6 +14,7 @@ import torch
 from model.config import FFNConfig, MiniMindConfig
 from model.model_minimind import MiniMindForCausalLM
 from moe_reference import make_moe, naive_moe, use_path
+from train.compiler import compile_for_training, resolve_compile
 from train.optim import build_optimizer
 
 
@@ -84,15 +85,19 @@ def test_fused_adamw_matches_plain_adamw():
     assert (model.lm_head.weight - initial).abs().max() > 1e-3  # it did train
 
 
-@pytest.mark.parametrize("ffn", [dict(type="glu"), dict(type="moe", n_experts=4, top_k=2)], ids=["swiglu", "moe-4x2"])
-def test_compiled_model_matches_eager_with_gradients(ffn):
-    """What train.compile runs (torch.compile's default inductor backend) against eager: loss, logits, every grad."""
+@pytest.mark.parametrize("ffn,mode", [(dict(type="glu"), "model"), (dict(type="moe", n_experts=4, top_k=2), "model"),
+                                      (dict(type="glu"), "blocks")], ids=["swiglu-model", "moe-4x2-model", "swiglu-blocks"])
+def test_compiled_model_matches_eager_with_gradients(ffn, mode):
+    """What train.compile runs (torch.compile's default inductor backend, the whole model or every block) against
+    eager: loss, logits, every grad."""
     torch.manual_seed(0)
     cfg = MiniMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, max_seq_len=16, ffn=FFNConfig(**ffn))
     eager = MiniMindForCausalLM(cfg).train()
     compiled_copy = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_copy)
+    compiled = compile_for_training(compiled_copy, compiled_copy, mode)
+    if mode == "blocks":  # compiled in place: the names checkpoints use are unchanged
+        assert compiled is compiled_copy and list(compiled.state_dict()) == list(eager.state_dict())
     x = torch.randint(0, 64, (2, 16))
     results = []
     for module, params in ((eager, eager), (compiled, compiled_copy)):
@@ -131,3 +136,15 @@ def test_compiled_bf16_moe_with_padded_groups_matches_eager():
     for name, g in ref_grads.items():  # bf16: within 2% of each gradient's largest entry (measured: <= 1%)
         assert g.abs().max() > 0, name
         assert (grads[name] - g).abs().max() <= 2e-2 * g.abs().max(), name
+
+
+def test_compile_setting_resolves_to_off_blocks_or_model(monkeypatch):
+    import train.compiler as compiler
+    assert [resolve_compile(v, 10) for v in (False, True, "blocks", "model")] == ["off", "blocks", "blocks", "model"]
+    monkeypatch.setattr(compiler, "has_cxx_compiler", lambda: True)
+    assert resolve_compile("auto", compiler.AUTO_MIN_STEPS - 1) == "off"  # too short for the compile time to pay
+    assert resolve_compile("auto", compiler.AUTO_MIN_STEPS) == "blocks"
+    monkeypatch.setattr(compiler, "has_cxx_compiler", lambda: False)
+    assert resolve_compile("auto", 10 ** 6) == "off"  # inductor needs a C++ compiler on CPU
+    with pytest.raises(ValueError, match="valid: false, true, auto, blocks, model"):
+        resolve_compile("fast", 10)

@@ -13,10 +13,7 @@ SHAPE = (64, 64, 64)
 FLOPS = 2 * 64 ** 3
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("cache_dir")  # conftest.py: the project cache in a temporary directory
 
 
 @pytest.fixture
@@ -173,6 +170,27 @@ def test_bench_table_names_the_cpu_and_its_matmul_isa():
            "backward_ms_median": 6.0, "optimizer_ms_median": 1.0, "peak_mem_bytes": 2 ** 20,
            "peak_matmul_flops": 4e11, "peak_matmul_shape": [4096, 512, 1408, "forward"], "device": "cpu",
            "dtype": "bf16", "threads": 2, "torch": "2.x", "steps": 3, "warmup": 1, "peak_mem_source": "rss",
-           "cpu": "Some Xeon", "cpu_isa": "AMX", "machine_peak_flops": 8e11, "train_mfu": 0.25}
-    last = module.format_table([row]).splitlines()[-1]
-    assert last.startswith("CPU Some Xeon (matmul ISA AMX)") and "800.0 GFLOP/s" in last and "swiglu 25.0%" in last
+           "cpu": "Some Xeon", "cpu_isa": "AMX", "machine_peak_flops": 8e11, "train_mfu": 0.25,
+           "breakdown": {"matmul_frac": 0.5, "attention_frac": 0.3, "other_frac": 0.2, "profiled_ms": 12.0}}
+    lines = module.format_table([row]).splitlines()
+    assert lines[-1].startswith("CPU Some Xeon (matmul ISA AMX)") and "800.0 GFLOP/s" in lines[-1]
+    assert "swiglu 25.0%" in lines[-1]
+    assert "swiglu matmul 50% / attention 30% / everything else 20% of 12 ms" in lines[-2]
+
+
+def test_step_breakdown_sorts_operators_into_matmul_attention_and_the_rest():
+    from types import SimpleNamespace
+
+    from train.bench import step_breakdown
+
+    def op(name, us):
+        return SimpleNamespace(key=name, self_cpu_time_total=us, self_device_time_total=us / 10)
+
+    events = [op("aten::mm", 300.0), op("aten::_grouped_mm", 100.0), op("aten::addmm", 100.0),
+              op("aten::_scaled_dot_product_flash_attention_for_cpu", 50.0),
+              op("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 150.0),
+              op("aten::mul", 200.0), op("aten::copy_", 100.0)]
+    b = step_breakdown(events)
+    assert (b["matmul_ms"], b["attention_ms"], b["other_ms"], b["profiled_ms"]) == (0.5, 0.2, 0.3, 1.0)
+    assert (b["matmul_frac"], b["attention_frac"], b["other_frac"]) == (0.5, 0.2, 0.3)
+    assert step_breakdown(events, "cuda")["profiled_ms"] == 0.1  # device time on CUDA

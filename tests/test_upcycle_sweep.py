@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import train.compare as compare
+from test_compare import tiny_base as compare_tiny_base, write_yaml
 from train import checkpoint as ck
 from train.compare import run_sweep
 from train.config import load_config
@@ -28,21 +29,10 @@ PARENT = {"overrides": {"model.ffn.type": "glu", "model.ffn.activation": "silu",
                         "train.max_steps": 4}}
 
 
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def tiny_base(tmp: Path, cache: Path) -> Path:
     """tests/test_compare.py's tiny base (two plays, a 320-token vocabulary, seq 64) at 3 steps."""
-    return write_yaml(tmp / "tiny-base.yaml", {
-        "extends": str(ROOT / "configs" / "tiny.yaml"),
-        "data": {"val_plays": ["macbeth"], "max_documents": 2, "cache_dir": str(cache),
-                 "tokenizer": {"vocab_size": 320}},
-        "train": {"max_steps": 3, "warmup_steps": 1, "log_interval": 1, "eval_interval": 3, "eval_tokens": 1024,
-                  "ckpt_interval": 3, "sample_max_new_tokens": 4, "sample_prompts": ["ROMEO:"]},
-        "wandb": {"mode": "disabled"},
-    })
+    return compare_tiny_base(tmp, cache, max_steps=3, warmup_steps=1, log_interval=1, eval_tokens=1024,
+                             sample_max_new_tokens=4)
 
 
 def sweep_file(tmp: Path, variants: dict, **extra) -> Path:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from train.compiler import compile_for_training, resolve_compile
 from train.config import RunConfig, ffn_label, load_config, read_yaml
 from train.errors import ConfigError
 from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
@@ -260,7 +261,7 @@ def build_variant(name: str, cfg: RunConfig, rt) -> Variant:
     torch.manual_seed(t.seed)
     model = MiniMindForCausalLM(cfg.model).to(rt.device).train()
     optimizer = build_optimizer(model, t)
-    step_model = torch.compile(model) if t.compile else model
+    step_model = compile_for_training(model, model, resolve_compile(t.compile, max(1, t.max_steps or 1)))
     gen = torch.Generator().manual_seed(t.seed)
     shape = (t.micro_batch_size, cfg.model.max_seq_len)
     batches = [(torch.randint(0, vocab, shape, generator=gen).to(rt.device),
@@ -337,14 +338,23 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
             ", ".join(f"{v.name} {v.times['step'][-1] * 1e3:.0f} ms" for v in variants) +
             f"; matmul peak so far {peak.best / 1e9:.1f} GFLOP/s")
     results = [_result(v, variants, plan, rt, peak, meter.source, machine_peak) for v in variants]
-    if profile_top:
-        for v in variants:
-            log(f"[bench] profile of one step of {v.name}:\n{profile_step(v, rt, profile_top)}")
+    for v, r in zip(variants, results):  # after timing: the profiler's overhead never enters the timed steps
+        prof = profile_step(v, rt)
+        r["breakdown"] = step_breakdown(prof.key_averages(), rt.device.type)
+        if profile_top:
+            log(f"[bench] profile of one step of {v.name}:\n{op_table(prof, rt.device.type, profile_top)}")
     return results
 
 
-def profile_step(v: Variant, rt, top: int) -> str:
-    """The `top` operators of one training step by self time (torch.profiler), as a table."""
+# Operators whose self time is matrix multiplication or attention; everything else (elementwise work, casts,
+# copies, concatenations, reductions, the optimizer's arithmetic, routing) is what shrinking the step is about.
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::addbmm",
+              "aten::_weight_int8pack_mm", "aten::mkldnn_linear", "aten::_mkldnn_matmul")
+ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+
+
+def profile_step(v: Variant, rt):
+    """One training step of `v` under torch.profiler (its timing is not recorded) -> the profile."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
@@ -353,8 +363,32 @@ def profile_step(v: Variant, rt, top: int) -> str:
     with profile(activities=activities) as prof:
         train_step(v, rt)
     v.times = times
-    sort = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
+    return prof
+
+
+def op_table(prof, device_type: str, top: int) -> str:
+    sort = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
+
+
+def step_breakdown(events, device_type: str = "cpu") -> dict:
+    """Split a profiled step's self time into matmul / attention / everything else: `events` are the profiler's
+    key averages (anything with .key and self time in us). On CUDA the device time counts (the host only queues)."""
+    attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        us = float(getattr(e, attr, 0.0) or 0.0)
+        if e.key in MATMUL_OPS:
+            parts["matmul"] += us
+        elif any(mark in e.key for mark in ATTENTION_MARKS):
+            parts["attention"] += us
+        else:
+            parts["other"] += us
+    total = sum(parts.values())
+    out = {f"{k}_ms": us / 1e3 for k, us in parts.items()}
+    out.update({f"{k}_frac": (us / total if total else 0.0) for k, us in parts.items()})
+    out["profiled_ms"] = total / 1e3
+    return out
 
 
 def _quantile(xs: list[float], q: float) -> float:

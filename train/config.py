@@ -15,7 +15,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from omegaconf import OmegaConf
@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from model.config import FFNConfig, MiniMindConfig
 from model.registry import ffn_class
 from train.errors import ConfigError
+
+
+COMPILE_MODES = ("auto", "blocks", "model")  # train.compile besides true/false
 
 
 class _Section(BaseModel):
@@ -93,10 +96,14 @@ class TrainConfig(_Section):
     out_dir: Optional[str] = None  # default runs/<name>
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # autocast precision (weights stay fp32). auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX),
-    # else fp32 (bf16 matmuls are emulated and ~10x slower on AVX2-only CPUs). fp16 (with a GradScaler) is CUDA-only.
+    # autocast precision (weights stay fp32). auto: bf16 on CUDA with bf16; fp32 on CPUs without native bf16 (bf16
+    # matmuls are emulated and ~10x slower on AVX2-only CPUs); on CPUs with native bf16 (AVX512-BF16/AMX) a short
+    # probe of this model's training step picks bf16 only if it is >= 10% faster than fp32, cached per machine and
+    # shape in ~/.cache/minimind-ffn/dtype.json (train/dtype_probe.py). fp16 (with a GradScaler) is CUDA-only.
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
-    compile: bool = False
+    # torch.compile (train/compiler.py): false (eager), true or blocks (each transformer block, "regional"), model
+    # (the whole step model), auto (blocks for runs of >= 2000 steps where a C++ compiler exists, else eager)
+    compile: Union[bool, Literal["auto", "blocks", "model"]] = False  # validated with COMPILE_MODES
     # Under torchrun: ddp (DistributedDataParallel, a whole model per rank) or fsdp (FSDP2: parameters, gradients and
     # optimizer state sharded across ranks; train/runtime.py). Same global batch and checkpoint files either way; a
     # single process ignores it.
@@ -146,6 +153,9 @@ class TrainConfig(_Section):
         # YAML reads `resume: false` as a bool; the schema keeps the three-way choice as strings.
         if isinstance(data, dict) and isinstance(data.get("resume"), bool):
             data = {**data, "resume": "true" if data["resume"] else "false"}
+        value = data.get("compile") if isinstance(data, dict) else None
+        if value is not None and not isinstance(value, bool) and value not in COMPILE_MODES:
+            raise ValueError(f"train.compile must be one of false, true, {', '.join(COMPILE_MODES)}; got {value!r}")
         return data
 
     @model_validator(mode="after")

@@ -236,12 +236,13 @@ def _write_cache(entries: dict) -> None:
 
 
 @contextmanager
-def _cache_lock():
+def _cache_lock(name: str = ".peak.lock"):
+    """An exclusive lock on `cache_dir()/name` (one file per cache: peak.json, dtype.json) while measuring."""
     try:
         import fcntl
 
         cache_dir().mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache_dir() / ".peak.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(cache_dir() / name, os.O_RDWR | os.O_CREAT, 0o644)
     except (ImportError, OSError):
         yield  # no locking here (Windows, a read-only home): measure unguarded
         return

@@ -39,14 +39,14 @@ from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError, field_va
 from train.config import RunConfig, validate_config
 from train.errors import ConfigError, UserError
 from train.fsutil import write_atomic
-from train.rundir import RUN_FILES
+from train.rundir import LAUNCH_LOG
 
 if TYPE_CHECKING:
     from train.plan import PlannedRun, SweepPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
-LOG_NAME = "launch.log"
+LOG_NAME = LAUNCH_LOG
 STOP_GRACE_S = 120.0  # after Ctrl-C / SIGTERM: how long a child may take to write its checkpoint before SIGKILL
 
 
@@ -115,11 +115,9 @@ def with_threads(cfg: RunConfig, threads: Optional[int]) -> RunConfig:
 
 
 def log_path(run_dir: Path) -> Path:
-    """Where a launched run's stdout/stderr go: `<run_dir>/launch.log`. train/rundir.py refuses to start a fresh run
-    in a directory holding files it does not know (RUN_FILES); until it lists this log, the log sits beside the run
-    directory (`<run_dir>.launch.log`)."""
-    run_dir = Path(run_dir)
-    return run_dir / LOG_NAME if LOG_NAME in RUN_FILES else run_dir.with_name(f"{run_dir.name}.{LOG_NAME}")
+    """Where a launched run's stdout/stderr go: `<run_dir>/launch.log` (train/rundir.py knows the file: it never
+    makes a run directory count as foreign or not empty)."""
+    return Path(run_dir) / LOG_NAME
 
 
 def prepare_once(runs: list["PlannedRun"]) -> None:

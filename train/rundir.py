@@ -24,8 +24,11 @@ from train.errors import CheckpointError, ConfigError
 from train.optim import plan_budget
 
 # What a run directory may hold; other files in a directory without a checkpoint mean it is not ours to reuse.
+# launch.log: stdout/stderr of a run started by `compare.py --jobs` / Slurm (train/launch.py), opened before the run
+# starts, so it never makes a directory "not empty" either
+LAUNCH_LOG = "launch.log"
 RUN_FILES = {"config.yaml", "tokenizer.json", "metrics.jsonl", "samples.json", "samples.md", ck.WEIGHTS, ck.STATE,
-             ck.CKPT_SUBDIR, "wandb", ".lock"}
+             ck.CKPT_SUBDIR, "wandb", ".lock", LAUNCH_LOG}
 # Model keys that may change on resume: they change neither the shapes nor the meaning of the weights.
 RESUMABLE_MODEL_KEYS = {"dropout", "init_std"}
 # train.* keys a resumed run may change. They decide where and how fast the same computation runs, when it is logged,
@@ -91,7 +94,8 @@ def open_run_dir(cfg: RunConfig) -> tuple[RunLock, Optional[Path]]:
     run_dir, mode = cfg.out_dir, cfg.train.resume
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.out_dir {run_dir} is a file, not a directory")
-    contents = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") if run_dir.is_dir() else []
+    ours = (".lock", LAUNCH_LOG)
+    contents = sorted(p.name for p in run_dir.iterdir() if p.name not in ours) if run_dir.is_dir() else []
     if mode == "false" and contents:
         raise ConfigError(f"run directory {run_dir} is not empty and train.resume=false: choose another "
                           f"train.out_dir (or name), or use train.resume=auto to continue it")

@@ -43,6 +43,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     parallel: str = "ddp"  # train.parallel: ddp | fsdp (only matters with more than one process)
+    dtype_requested: str = ""  # train.dtype as given; "auto" may still be refined by settle_auto_dtype
 
     @property
     def is_main(self) -> bool:
@@ -143,7 +144,7 @@ def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None, pa
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available; valid here: auto, cpu")
-    dtype = resolve_dtype(dtype, device)
+    requested, dtype = dtype, resolve_dtype(dtype, device)
     if dtype == "fp16" and device != "cuda":
         raise ConfigError("train.dtype=fp16 needs CUDA (it trains with a GradScaler); on CPU use bf16 or fp32")
     if dtype == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -162,7 +163,7 @@ def setup_runtime(device: str, dtype: str, num_threads: Optional[int] = None, pa
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else "cpu")
     return Runtime(device=dev, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world_size,
-                   parallel=parallel)
+                   parallel=parallel, dtype_requested=requested)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,13 +284,44 @@ def fast_bf16_cpu() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` -> bf16 where it is fast (CUDA with bf16, CPUs with native bf16), else fp32."""
+def resolve_dtype(dtype: str, device: str, model_cfg: Any = None, micro_batch_size: Optional[int] = None) -> str:
+    """`auto` -> the ISA rule: bf16 where it can be fast (CUDA with bf16, CPUs with native bf16), else fp32. Given
+    the run's model config (vocab set) and micro-batch size, a CPU with native bf16 measures instead which of fp32
+    and bf16 trains that shape faster (`auto_dtype_choice`). Explicit dtypes are returned as they are."""
+    if model_cfg is not None and micro_batch_size:
+        return auto_dtype_choice(dtype, device, model_cfg, micro_batch_size).dtype
     if dtype != "auto":
         return dtype
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if fast_bf16_cpu() else "fp32"
+
+
+def auto_dtype_choice(dtype: str, device: str, model_cfg: Any, micro_batch_size: int):
+    """What `dtype` resolves to for this model shape, with why (a train.dtype_probe.DtypeChoice). Only `auto` on a
+    CPU with native bf16 measures (train/dtype_probe.py: bf16 must be >= 10% faster than fp32, cached per machine and
+    shape); CUDA and CPUs without native bf16 keep the ISA rule, explicit dtypes never probe."""
+    from train.dtype_probe import DtypeChoice, probe_dtype
+
+    if dtype != "auto":
+        return DtypeChoice(dtype, "explicit", note=f"train.dtype={dtype}")
+    if device.startswith("cuda"):
+        return DtypeChoice(resolve_dtype("auto", "cuda"), "rule", note="CUDA: bf16 where the GPU supports it")
+    if not fast_bf16_cpu():
+        return DtypeChoice("fp32", "rule", note="this CPU has no native bf16 matmul (AMX / AVX512-BF16)")
+    return probe_dtype(model_cfg, micro_batch_size)
+
+
+def settle_auto_dtype(rt: Runtime, model_cfg: Any, micro_batch_size: int) -> Optional[str]:
+    """For train.dtype=auto, once the model's shape is known (vocab from the tokenizer): set `rt.dtype` to what
+    `auto_dtype_choice` picks and return the line to print ("dtype auto -> fp32 (measured: ...)"); None (nothing
+    changed) for an explicit dtype. Rank 0 decides (it alone probes) and every rank gets its answer, so all agree."""
+    if rt.dtype_requested != "auto":
+        return None
+    device = rt.device.type
+    choice = rt.on_main(lambda: auto_dtype_choice("auto", device, model_cfg, micro_batch_size))
+    rt.dtype = choice.dtype
+    return choice.line()
 
 
 class StopRequest:

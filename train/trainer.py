@@ -27,7 +27,8 @@ from train.errors import CheckpointError, ConfigError, DataError, UserError
 from train.optim import build_optimizer, lr_at, plan_budget, set_lr
 from train.rundir import check_same_model, open_run_dir, resolve_vocab
 from train.runtime import (Runtime, StopRequest, clip_grad_norm, grad_sync, measure_peak_flops, seed_everything,
-                           setup_runtime, shard_model, wrap_model)
+                           settle_auto_dtype, setup_runtime, shard_model, wrap_model)
+from train.compiler import compile_for_training, eager, resolve_compile
 from train.tracking import MetricsLog, WandbTracker, read_metrics, start_summary, warn, write_samples
 
 
@@ -86,6 +87,10 @@ class Trainer:
         self.config_dict = cfg.to_dict()
         if ckpt is not None:
             check_same_model(ckpt, cfg)
+        # train.dtype=auto: now that the vocab is known, a CPU with native bf16 measures which dtype is faster
+        dtype_line = settle_auto_dtype(rt, cfg.model, t.micro_batch_size)
+        if dtype_line:
+            self.say(dtype_line, flush=True)
         self.seq_len = cfg.model.max_seq_len
         self.max_steps, self.tokens_per_step = plan_budget(t, self.seq_len)
         self.local_accum = t.grad_accum // rt.world_size
@@ -108,7 +113,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if rt.dtype == "fp16" else None
         self.ddp_model = wrap_model(self.model, rt)  # ddp: the DDP wrapper; fsdp / one process: the model itself
         # (with fsdp, torch.compile breaks the graph at FSDP2's hooks, which stay eager)
-        self.step_model = torch.compile(self.ddp_model) if t.compile else self.ddp_model
+        self.compile_mode = resolve_compile(t.compile, self.max_steps)
+        self.step_model = compile_for_training(self.model, self.ddp_model, self.compile_mode)
         self.batches = TrainBatches(self.prepared.train_path, self.prepared.dtype, self.seq_len, t.micro_batch_size,
                                     self.local_accum, t.seed, rt.rank, rt.world_size)
         self.val = val_batches(self.prepared, self.seq_len, t.micro_batch_size, t.eval_tokens)  # reporting blocks
@@ -354,9 +360,10 @@ class Trainer:
 
         rt = self.rt
         mine = blocks[rt.rank::rt.world_size]
-        nll, n = eval_loss_sum(self.model, mine, rt.device, rt.autocast)
-        if rt.fsdp:  # every forward all-gathers parameters: each rank runs as many as the busiest (results unused)
-            self._idle_forwards(blocks, -(-len(blocks) // rt.world_size) - len(mine))
+        with eager(self.compile_mode):  # no autograd: compiled blocks would compile again for it
+            nll, n = eval_loss_sum(self.model, mine, rt.device, rt.autocast)
+            if rt.fsdp:  # every forward all-gathers parameters: each rank runs as many as the busiest (unused)
+                self._idle_forwards(blocks, -(-len(blocks) // rt.world_size) - len(mine))
         nll, n = rt.all_reduce_sum([nll, float(n)])
         return val_metrics(nll, int(n), self.prepared, blocks.n_bytes if int(n) == blocks.n_tokens else None)
 
@@ -431,9 +438,10 @@ class Trainer:
                  "wandb_dir": self.tracker.dir if self.tracker else None}
         sampler = self._unsharded_model()
         if rt.is_main:
-            samples = generate_samples(sampler, load_tokenizer(self.run_dir / "tokenizer.json"), t.sample_prompts,
-                                       t.sample_max_new_tokens, t.sample_temperature, t.sample_top_k, t.seed,
-                                       rt.device, self.prepared.eos_id)
+            with eager(self.compile_mode):  # one token at a time with a KV cache: new shapes every call
+                samples = generate_samples(sampler, load_tokenizer(self.run_dir / "tokenizer.json"),
+                                           t.sample_prompts, t.sample_max_new_tokens, t.sample_temperature,
+                                           t.sample_top_k, t.seed, rt.device, self.prepared.eos_id)
             write_samples(self.run_dir, samples, self.step)
             self.tracker.samples_table(samples, self.step)
             self.metrics.write(final)
