@@ -203,7 +203,10 @@ def test_ctrl_c_stops_every_job_with_a_checkpoint_and_the_rerun_resumes(tmp_swee
                                       if x.strip().endswith("}"))
 
     cmd = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--config", str(path), "--jobs", "2"]
-    parent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test session started in the background by a non-interactive shell
+    # (`pytest &`) ignores SIGINT, and an ignored signal stays ignored across exec
+    parent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (training("gelu-s0") and training("swiglu-s0")):
         assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()
