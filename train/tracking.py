@@ -222,6 +222,8 @@ def read_wandb_records(path: Path) -> list:
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         pos += 7
+        if pos + length > len(data):  # a record still being written (the wandb service flushes on its own)
+            break
         chunk += data[pos:pos + length]
         pos += length
         if kind in (1, 4):  # FULL or LAST
