@@ -57,7 +57,7 @@ def test_the_choice_follows_the_measured_times(fake_times, native_bf16, fp32_s, 
 def test_the_cache_is_written_keyed_by_shape_and_reused_without_measuring(fake_times, native_bf16, cache_dir):
     queue, calls = fake_times
     queue.append(dp.StepTimes(0.100, 0.060))
-    assert resolve_dtype("auto", "cpu", TINY, 4) == "bf16"
+    assert auto_dtype_choice("auto", "cpu", TINY, 4).dtype == "bf16"
     doc = json.loads((cache_dir / "dtype.json").read_text())
     (key, entry), = doc["choices"].items()
     assert doc["format"] == 1 and entry["dtype"] == "bf16" and entry["fp32_ms"] == pytest.approx(100)
@@ -91,10 +91,10 @@ def test_a_contended_answer_is_cached_and_says_so(fake_times, native_bf16, cache
 def test_explicit_dtypes_never_probe(fake_times, native_bf16):
     queue, calls = fake_times
     for dtype in ("fp32", "bf16"):
-        assert resolve_dtype(dtype, "cpu", TINY, 4) == dtype
+        assert auto_dtype_choice(dtype, "cpu", TINY, 4).dtype == dtype
         rt = Runtime(device=torch.device("cpu"), dtype=dtype, dtype_requested=dtype)
         assert settle_auto_dtype(rt, TINY, 4) is None and rt.dtype == dtype
-    assert resolve_dtype("fp16", "cuda", TINY, 4) == "fp16"
+    assert auto_dtype_choice("fp16", "cuda", TINY, 4).dtype == "fp16"
     assert calls == []
 
 
@@ -103,7 +103,7 @@ def test_a_cpu_without_native_bf16_gets_fp32_without_probing(fake_times, monkeyp
     rt = Runtime(device=torch.device("cpu"), dtype="fp32", dtype_requested="auto")
     line = settle_auto_dtype(rt, TINY, 4)
     assert rt.dtype == "fp32" and line.startswith("dtype auto -> fp32 (this CPU has no native bf16")
-    assert resolve_dtype("auto", "cpu") == resolve_dtype("auto", "cpu", TINY, 4) == "fp32"
+    assert resolve_dtype("auto", "cpu") == auto_dtype_choice("auto", "cpu", TINY, 4).dtype == "fp32"
     assert fake_times[1] == []
 
 

@@ -284,12 +284,9 @@ def fast_bf16_cpu() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, device: str, model_cfg: Any = None, micro_batch_size: Optional[int] = None) -> str:
-    """`auto` -> the ISA rule: bf16 where it can be fast (CUDA with bf16, CPUs with native bf16), else fp32. Given
-    the run's model config (vocab set) and micro-batch size, a CPU with native bf16 measures instead which of fp32
-    and bf16 trains that shape faster (`auto_dtype_choice`). Explicit dtypes are returned as they are."""
-    if model_cfg is not None and micro_batch_size:
-        return auto_dtype_choice(dtype, device, model_cfg, micro_batch_size).dtype
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` -> the ISA rule: bf16 where it can be fast (CUDA with bf16, CPUs with native bf16), else fp32; refined
+    per model shape once the model is known (`settle_auto_dtype`). Explicit dtypes are returned as they are."""
     if dtype != "auto":
         return dtype
     if device == "cuda":
