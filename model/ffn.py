@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from model.activations import (ACTIVATIONS, DENSE_ACTIVATIONS, GLU_ACTIVATIONS, NO_HF_EQUIVALENT,
                                TRAINABLE_ACTIVATIONS, activation_params, make_activation)
+from model.fused_ops import glu_product, has_fused_glu
 
 # model.config.FFNConfig / MiniMindConfig, by duck typing: the blocks never import the config module (it asks the
 # registry, which imports the blocks), so annotations name them through these aliases.
@@ -68,6 +69,9 @@ class FFNBlock(nn.Module):
     - `matched_on`: "total" or "active", the parameter count a sweep matches against its baseline's
     - `step_cost`: step time relative to a dense FFN's, for rough time estimates
     - `may_skip_params`: some parameters may get no gradient in a step (DDP needs find_unused_parameters)
+    - `matmul_input`: the block's input only feeds matmuls (Linear / grouped GEMM), so under autocast the RMSNorm
+      before it may hand it over already in the compute dtype (saves a cast each way; default False: safe for
+      blocks that use x in elementwise work)
     - `width(ffn, hidden_size)`: the inner width built (0: no sub-layer); honours `d_ff` and `multiple_of`
     - `validate(ffn)`: ValueError("model.ffn.<key> ...") for a config the block cannot take
     - `label(ffn)` / `slug(ffn)`: a short human label / a filesystem-safe name (default run names)
@@ -82,6 +86,7 @@ class FFNBlock(nn.Module):
     matched_on: ClassVar[str] = "total"
     step_cost: ClassVar[float] = 1.0
     may_skip_params: ClassVar[bool] = False
+    matmul_input: ClassVar[bool] = False
 
     @classmethod
     def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
@@ -148,6 +153,8 @@ class NoFFN(FFNBlock):
 class DenseFFN(FFNBlock):
     """W_down · act(W_up · x): the original Transformer FFN."""
 
+    matmul_input: ClassVar[bool] = True
+
     matrices: ClassVar[int] = 2  # weight matrices of shape D×F: up, down
 
     def __init__(self, dim: int, d_ff: int, activation: str):
@@ -186,6 +193,7 @@ class GLUFFN(FFNBlock):
     gpt-oss's clamped SwiGLU `swiglu_oss`) replaces the whole act(gate) ⊙ up."""
 
     matrices: ClassVar[int] = 3  # gate, up, down: the width is 2/3 of the dense one (8·d²/3d)
+    matmul_input: ClassVar[bool] = True
 
     @classmethod
     def width(cls, ffn: FFNConfig, hidden_size: int) -> int:
@@ -220,7 +228,10 @@ class GLUFFN(FFNBlock):
         return cls(cfg.hidden_size, cls.width(cfg.ffn, cfg.hidden_size), cfg.ffn.activation)
 
     def forward(self, x_D: torch.Tensor) -> torch.Tensor:
-        gate_F, up_F = self.gate_up_proj(x_D).chunk(2, dim=-1)
+        gate_up_F2 = self.gate_up_proj(x_D)
+        if has_fused_glu(self.act):  # same values, no concatenation of the gradient halves (model/fused_ops.py)
+            return self.down_proj(glu_product(gate_up_F2, self.act))
+        gate_F, up_F = gate_up_F2.chunk(2, dim=-1)
         if self.glu is not None:
             return self.down_proj(self.glu(gate_F, up_F))
         return self.down_proj(self.act(gate_F) * up_F)

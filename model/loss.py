@@ -48,6 +48,8 @@ def _chunked(h_ND, w_VD, target_N, rows: int, dtype: torch.dtype, with_grad: boo
     logits_buf = torch.empty(C, w_VD.shape[0], dtype=dtype, device=h_ND.device)  # then the logit gradient
     logp_buf = torch.empty(C, w_VD.shape[0], dtype=torch.float32, device=h_ND.device)
     grad_w_buf = torch.empty(w_VD.shape, dtype=dtype, device=w_VD.device) if with_grad else None
+    # pretraining batches rarely ignore rows; asking costs a host sync, cheap on CPU but a stall on GPUs
+    masked = h_ND.device.type != "cpu" or bool((target_N == IGNORE_INDEX).any())
     for start in range(0, h_ND.shape[0], rows):
         h_CD, target_C = h_ND_c[start:start + rows], target_N[start:start + rows]
         c = h_CD.shape[0]
@@ -60,7 +62,10 @@ def _chunked(h_ND, w_VD, target_N, rows: int, dtype: torch.dtype, with_grad: boo
         # d(sum of nll)/d logits = softmax − one_hot on valid rows, 0 on ignored ones. The 1/n_valid of the mean
         # is applied to the two (smaller) gradients in backward, together with grad_loss.
         grad_CV = logp_CV.exp_().scatter_add_(1, safe_C[:, None], torch.full_like(logp_CV[:, :1], -1.0))
-        grad_CV_c = torch.mul(grad_CV, valid_C[:, None], out=logits_buf[:c])  # mask + cast in one pass
+        if masked:
+            grad_CV_c = torch.mul(grad_CV, valid_C[:, None], out=logits_buf[:c])  # mask + cast in one pass
+        else:
+            grad_CV_c = logits_buf[:c].copy_(grad_CV)  # the cast alone: no row is ignored
         torch.mm(grad_CV_c, w_VD_c, out=grad_h_ND[start:start + rows])
         grad_w_VD += torch.mm(grad_CV_c.T, h_CD, out=grad_w_buf)  # fp32 sum of the chunks' bf16 products
     return loss_sum * inv_valid, inv_valid, grad_h_ND, grad_w_VD

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import MiniMindConfig
+from model.fused_ops import rms_norm
 from model.loss import linear_cross_entropy
 from model.precision import compute_dtype
 from model.registry import build_ffn
@@ -22,12 +23,19 @@ KVCache = list  # per layer: (k_BGPC, v_BGPC)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """`feeds_matmuls`: the output only goes into matmuls (a block's attention and FFN inputs), so under autocast it
+    is emitted in the compute dtype, the cast the next Linear would make anyway (bit-identical forward)."""
+
+    def __init__(self, dim: int, eps: float, feeds_matmuls: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.feeds_matmuls = eps, feeds_matmuls
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
+            # ATen's CPU rms_norm is a composite with a slow autograd backward (model/fused_ops.py)
+            out_dtype = compute_dtype(x) if self.feeds_matmuls else None
+            return rms_norm(x, self.weight, self.eps, out_dtype)
         # the fused kernel needs one dtype
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
@@ -35,7 +43,7 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and *signed* sin tables (T, C) for the "rotate_half" layout of LLaMA/MiniMind, which rotates the pairs
-    (i, i + C/2): out = x·cos + flip_halves(x)·sin with sin's first half negated (see `Rope`)."""
+    (i, i + C/2): out = x·cos + flip_halves(x)·sin with sin's first half negated (see `_rotate`)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles_TC = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq).repeat(1, 2)
     sign_C = torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)])
@@ -47,27 +55,41 @@ def _flip_halves(x_BTNC: torch.Tensor) -> torch.Tensor:
     return x_BTNC.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
-class Rope(torch.autograd.Function):
-    """RoPE as a rotation with its own backward: x·cos + flip(x)·sin forward, g·cos + flip(g·sin) backward (the
-    transposed rotation), instead of autograd through neg + cat forward and slices + neg backward. The same products
-    and sums as the textbook form (the sign sits in the table, and (-a)·b = -(a·b) exactly): bit-identical results.
-    Measured at configs/bench/small.yaml's shapes (bf16, 2 threads, AMX): no faster in eager (paired ratio 0.96×,
-    noise); it is fewer ops for torch.compile to trace and one call for queries and keys."""
+def _rotate(x_BTNC, cos_TC, sin_TC, out=None):
+    """x·cos + flip(x)·sin: the same products and sums as the textbook x·cos + rotate_half(x)·sin (the sign sits in
+    the table, and (-a)·b = -(a·b) exactly), so bit-identical, without the neg and cat."""
+    return torch.add(x_BTNC * cos_TC[:, None, :], _flip_halves(x_BTNC) * sin_TC[:, None, :], out=out)
+
+
+class QKVRope(torch.autograd.Function):
+    """The fused q|k|v projection output -> rotated queries, rotated keys, values, with a backward that writes the
+    three gradients straight into one buffer: autograd through split + RoPE would concatenate them twice. RoPE's
+    backward is the transposed rotation g·cos + flip(g·sin)."""
 
     @staticmethod
-    def forward(ctx, x_BTNC, cos_TC, sin_TC):
+    def forward(ctx, qkv_BTX, cos_TC, sin_TC, H: int, G: int):
+        x_BTNC = qkv_BTX.unflatten(-1, (H + 2 * G, -1))
         ctx.save_for_backward(cos_TC, sin_TC)
-        return x_BTNC * cos_TC[:, None, :] + _flip_halves(x_BTNC) * sin_TC[:, None, :]
+        ctx.H, ctx.G = H, G
+        return (_rotate(x_BTNC[:, :, :H], cos_TC, sin_TC), _rotate(x_BTNC[:, :, H:H + G], cos_TC, sin_TC),
+                x_BTNC[:, :, H + G:].contiguous())
 
     @staticmethod
-    def backward(ctx, g_BTNC):
+    def backward(ctx, dq_BTHC, dk_BTGC, dv_BTGC):
         cos_TC, sin_TC = ctx.saved_tensors
-        return g_BTNC * cos_TC[:, None, :] + _flip_halves(g_BTNC * sin_TC[:, None, :]), None, None
-
-
-def apply_rope(x_BTNC: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + C/2) of every head; N heads of any kind (queries and keys go in one call)."""
-    return Rope.apply(x_BTNC, cos_TC, sin_TC)
+        H, G = ctx.H, ctx.G
+        grads = (dq_BTHC, dk_BTGC, dv_BTGC)
+        ref = next(g for g in grads if g is not None)
+        B, T, _, C = ref.shape
+        dx_BTNC = ref.new_empty(B, T, H + 2 * G, C)
+        for g, (lo, hi), rotated in zip(grads, ((0, H), (H, H + G), (H + G, H + 2 * G)), (True, True, False)):
+            if g is None:
+                dx_BTNC[:, :, lo:hi].zero_()
+            elif rotated:
+                torch.add(g * cos_TC[:, None, :], _flip_halves(g * sin_TC[:, None, :]), out=dx_BTNC[:, :, lo:hi])
+            else:
+                dx_BTNC[:, :, lo:hi].copy_(g)
+        return dx_BTNC.flatten(-2), None, None, None, None
 
 
 class Attention(nn.Module):
@@ -83,11 +105,8 @@ class Attention(nn.Module):
     def forward(self, x_BTD, cos_TC, sin_TC, past_kv=None, use_cache=False):
         B, T, _ = x_BTD.shape
         H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v = self.qkv_proj(x_BTD).split([(H + G) * C, G * C], dim=-1)
-        # queries and keys rotated in one call: half the kernels of rotating them one after the other
-        q_BTHC, k_BTGC = apply_rope(qk.unflatten(-1, (H + G, C)), cos_TC, sin_TC).split([H, G], dim=2)
-        q_BHTC, k_BGTC = q_BTHC.transpose(1, 2), k_BTGC.transpose(1, 2)
-        v_BGTC = v.view(B, T, G, C).transpose(1, 2)
+        q_BTHC, k_BTGC, v_BTGC = QKVRope.apply(self.qkv_proj(x_BTD), cos_TC, sin_TC, H, G)
+        q_BHTC, k_BGTC, v_BGTC = q_BTHC.transpose(1, 2), k_BTGC.transpose(1, 2), v_BTGC.transpose(1, 2)
         past_len = 0
         if past_kv is not None:
             past_len = past_kv[0].shape[2]
@@ -109,11 +128,12 @@ class Attention(nn.Module):
 class MiniMindBlock(nn.Module):
     def __init__(self, cfg: MiniMindConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmuls=True)
         self.attn = Attention(cfg)
         self.ffn = build_ffn(cfg)  # None when the block has no FFN sub-layer (ffn.type 'none'): skipped entirely
         if self.ffn is not None:
-            self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                    feeds_matmuls=getattr(type(self.ffn), "matmul_input", False))
             self.ffn_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, cos_TC, sin_TC, past_kv=None, use_cache=False):

@@ -49,6 +49,7 @@ class MoEFFN(FFNBlock):
     matched_on: ClassVar[str] = "active"
     step_cost: ClassVar[float] = 1.25  # routing, sorting and smaller matmuls: up to ~1.25x a dense step
     may_skip_params: ClassVar[bool] = True  # an expert may get no tokens in a micro-batch
+    matmul_input: ClassVar[bool] = True  # the router's Linear and the experts' GEMMs (cast once in forward)
 
     def __init__(self, dim: int, ffn: FFNConfig):
         super().__init__()

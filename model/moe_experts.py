@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.ffn import ACTIVATIONS, GLUFFN, DenseFFN
+from model.fused_ops import glu_product, has_fused_glu
 from model.precision import compute_dtype
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
@@ -66,6 +67,8 @@ class GroupedExperts(nn.Module):
 
     def _hidden(self, h_SU: torch.Tensor) -> torch.Tensor:
         if self.kind == "glu":
+            if has_fused_glu(self.act):
+                return glu_product(h_SU, self.act)
             gate_SF, up_SF = h_SU.chunk(2, dim=-1)
             return self.act(gate_SF) * up_SF
         return self.act(h_SU)

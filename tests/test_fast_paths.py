@@ -4,15 +4,19 @@
   (tests/moe_reference.py).
 - AdamW: the fused implementation that build_optimizer picks vs torch's plain for-loop AdamW.
 - torch.compile (train.compile): the compiled model (whole, or per block) vs the same weights in eager mode.
+- The hand-written backward passes (model/fused_ops.py: RMSNorm, GLU product; QKVRope) vs autograd through the
+  plain ops, and the norms that hand bf16 to matmul-only consumers vs norms that emit fp32.
 """
 import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import FFNConfig, MiniMindConfig
-from model.model_minimind import MiniMindForCausalLM
+from model.fused_ops import glu_product, has_fused_glu, rms_norm
+from model.model_minimind import MiniMindForCausalLM, QKVRope, rope_cos_sin
 from moe_reference import make_moe, naive_moe, use_path
 from train.compiler import compile_for_training, resolve_compile
 from train.optim import build_optimizer
@@ -148,3 +152,92 @@ def test_compile_setting_resolves_to_off_blocks_or_model(monkeypatch):
     assert resolve_compile("auto", 10 ** 6) == "off"  # inductor needs a C++ compiler on CPU
     with pytest.raises(ValueError, match="valid: false, true, auto, blocks, model"):
         resolve_compile("fast", 10)
+
+
+# --- hand-written backward passes (model/fused_ops.py, QKVRope) against autograd through the plain ops ------------
+
+def _fwd_bwd(fn, inputs, probe):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outs, probe if isinstance(probe, tuple) else (probe,))
+    return [o.detach() for o in outs], [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_fused_rms_norm_forward_is_f_rms_norm_and_backward_its_derivative(out_dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 20, 48) * 3, 1 + 0.2 * torch.randn(48)
+    probe = torch.randn(3, 20, 48).to(out_dtype or torch.float32)
+    (y,), (dx, dw) = _fwd_bwd(lambda x, w: rms_norm(x, w, 1e-5, out_dtype), (x, w), probe)
+    (ref,), (ref_dx, ref_dw) = _fwd_bwd(lambda x, w: F.rms_norm(x, (48,), w, 1e-5), (x, w), probe.float())
+    assert y.dtype == (out_dtype or torch.float32) and torch.equal(y, ref.to(y.dtype))  # same ops, same order
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)  # same math, different rounding order
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    x64, w64 = x[:1, :4].double().requires_grad_(), w.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (x64, w64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", [F.silu, F.gelu], ids=["silu", "gelu"])
+def test_glu_product_is_bit_identical_to_chunk_act_mul(act, dtype):
+    assert has_fused_glu(act)
+    torch.manual_seed(0)
+    gate_up, probe = torch.randn(4, 10, 2 * 24).to(dtype), torch.randn(4, 10, 24).to(dtype)
+    (h,), (dgu,) = _fwd_bwd(lambda gu: glu_product(gu, act), (gate_up,), probe)
+
+    def plain(gu):
+        gate, up = gu.chunk(2, dim=-1)
+        return act(gate) * up
+    (ref,), (ref_dgu,) = _fwd_bwd(plain, (gate_up,), probe)
+    assert torch.equal(h, ref) and torch.equal(dgu, ref_dgu)
+    assert torch.autograd.gradcheck(lambda gu: glu_product(gu, act), (gate_up[:1, :2].double().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_rope_is_bit_identical_to_split_and_textbook_rope(dtype):
+    torch.manual_seed(0)
+    B, T, H, G, C = 2, 12, 4, 2, 16
+    cos, sin_signed = (t.to(dtype) for t in rope_cos_sin(C, T, 1e4))
+    sin = sin_signed * torch.cat([-torch.ones(C // 2), torch.ones(C // 2)]).to(dtype)  # the textbook's unsigned sin
+    qkv = torch.randn(B, T, (H + 2 * G) * C).to(dtype)
+    probes = tuple(torch.randn(B, T, n, C).to(dtype) for n in (H, G, G))
+
+    def textbook(qkv_BTX):  # LLaMA's rotate_half: x·cos + cat(-x2, x1)·sin
+        q, k, v = qkv_BTX.split([H * C, G * C, G * C], dim=-1)
+        def rot(x_BTNC):
+            x1, x2 = x_BTNC.chunk(2, dim=-1)
+            return x_BTNC * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+        return rot(q.view(B, T, H, C)), rot(k.view(B, T, G, C)), v.view(B, T, G, C)
+    outs, (dqkv,) = _fwd_bwd(lambda t: QKVRope.apply(t, cos, sin_signed, H, G), (qkv,), probes)
+    ref_outs, (ref_dqkv,) = _fwd_bwd(textbook, (qkv,), probes)
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs)) and torch.equal(dqkv, ref_dqkv)
+
+
+MATMUL_INPUT_FFNS = {
+    "swiglu": dict(type="glu", activation="silu"), "geglu": dict(type="glu", activation="gelu"),
+    "polynorm-glu": dict(type="glu", activation="polynorm"), "relu2": dict(type="dense", activation="relu2"),
+    "xielu": dict(type="dense", activation="xielu"),
+    "moe-glu-shared": dict(type="moe", n_experts=4, top_k=2, n_shared_experts=1),
+    "moe-dense-null": dict(type="moe", n_experts=4, top_k=2, expert_type="dense", expert_activation="relu",
+                           n_null_experts=2),
+}
+
+
+@pytest.mark.parametrize("ffn", MATMUL_INPUT_FFNS)
+def test_norms_handing_bf16_to_matmul_input_blocks_change_no_logit(ffn):
+    """Under autocast a block norm emits the compute dtype when what follows only feeds matmuls (attention always;
+    FFN blocks with matmul_input): the cast the Linear would make. Every such built-in block: logits bit-identical
+    to the model whose norms emit fp32."""
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_seq_len=16, ffn=FFNConfig(**MATMUL_INPUT_FFNS[ffn]))
+    model = MiniMindForCausalLM(cfg).eval()
+    fp32_norms = copy.deepcopy(model)
+    norms = [m for m in fp32_norms.modules() if getattr(m, "feeds_matmuls", False)]
+    assert len(norms) == 2 * cfg.num_hidden_layers  # attention's and the FFN's in every block
+    for m in norms:
+        m.feeds_matmuls = False
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x).logits, fp32_norms(x).logits)
