@@ -21,12 +21,14 @@ from _cli import make_parser, run_main
 
 
 def format_table(results: list[dict]) -> str:
-    head = (f"{'variant':<14} {'tok/s':>9} {'MFU':>6} {'vs base':>7} {'step ms (p25-p75)':>22} "
+    head = (f"{'variant':<14} {'tok/s':>9} {'MFU':>6} {'pMFU':>6} {'vs base':>7} {'step ms (p25-p75)':>22} "
             f"{'fwd/bwd/opt ms':>18} {'peak mem':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
+        paired = f"{r['mfu_paired']:>6.1%}" if r.get("mfu_paired") is not None else f"{'-':>6}"
         lines.append(
-            f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['tokens_per_s_vs_baseline']:>6.2f}x "
+            f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {paired} "
+            f"{r['tokens_per_s_vs_baseline']:>6.2f}x "
             f"{r['step_ms_median']:>8.0f} ({r['step_ms_p25']:.0f}-{r['step_ms_p75']:.0f}) "
             f"{r['forward_ms_median']:>6.0f}/{r['backward_ms_median']:.0f}/{r['optimizer_ms_median']:.0f} "
             f"{r['peak_mem_bytes'] / 2**20:>7.0f}MB")
@@ -35,10 +37,12 @@ def format_table(results: list[dict]) -> str:
     lines.append(f"matmul peak {r['peak_matmul_flops'] / 1e9:.1f} GFLOP/s ({kind} matmul, {rows} rows, {d_in} -> "
                  f"{d_out}); {r['device']} {r['dtype']}, {r['threads']} thread(s), torch "
                  f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
-                 f"{r['peak_mem_source']}")
-    lines.append("one profiled step (self time, torch.profiler): " + "; ".join(
+                 f"{r['peak_mem_source']}; pMFU: median over rounds of the round's step against the round's "
+                 f"own matmul pass")
+    steps = r.get("breakdown", {}).get("profiled_steps", 1)
+    lines.append(f"{steps} profiled step(s) per variant (self time, torch.profiler): " + "; ".join(
         f"{x['variant']} matmul {x['breakdown']['matmul_frac']:.0%} / attention {x['breakdown']['attention_frac']:.0%}"
-        f" / everything else {x['breakdown']['other_frac']:.0%} of {x['breakdown']['profiled_ms']:.0f} ms"
+        f" / everything else {x['breakdown']['other_frac']:.0%} of {x['breakdown']['profiled_ms']:.0f} ms per step"
         for x in results))
     gpu = f"; GPU {r['gpu']}" if r.get("gpu") else ""
     lines.append(f"CPU {r['cpu']} (matmul ISA {r['cpu_isa']}){gpu}; MFU as training logs it (vs the cached "

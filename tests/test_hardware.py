@@ -171,11 +171,15 @@ def test_bench_table_names_the_cpu_and_its_matmul_isa():
            "peak_matmul_flops": 4e11, "peak_matmul_shape": [4096, 512, 1408, "forward"], "device": "cpu",
            "dtype": "bf16", "threads": 2, "torch": "2.x", "steps": 3, "warmup": 1, "peak_mem_source": "rss",
            "cpu": "Some Xeon", "cpu_isa": "AMX", "machine_peak_flops": 8e11, "train_mfu": 0.25,
-           "breakdown": {"matmul_frac": 0.5, "attention_frac": 0.3, "other_frac": 0.2, "profiled_ms": 12.0}}
+           "mfu_paired": 0.625,
+           "breakdown": {"matmul_frac": 0.5, "attention_frac": 0.3, "other_frac": 0.2, "profiled_ms": 12.0,
+                         "profiled_steps": 3}}
     lines = module.format_table([row]).splitlines()
     assert lines[-1].startswith("CPU Some Xeon (matmul ISA AMX)") and "800.0 GFLOP/s" in lines[-1]
     assert "swiglu 25.0%" in lines[-1]
-    assert "swiglu matmul 50% / attention 30% / everything else 20% of 12 ms" in lines[-2]
+    assert lines[-2].startswith("3 profiled step(s) per variant")
+    assert "swiglu matmul 50% / attention 30% / everything else 20% of 12 ms per step" in lines[-2]
+    assert lines[2].split()[2:4] == ["50.0%", "62.5%"]  # MFU against the run's best peak, then the paired one
 
 
 def test_step_breakdown_sorts_operators_into_matmul_attention_and_the_rest():
@@ -194,3 +198,6 @@ def test_step_breakdown_sorts_operators_into_matmul_attention_and_the_rest():
     assert (b["matmul_ms"], b["attention_ms"], b["other_ms"], b["profiled_ms"]) == (0.5, 0.2, 0.3, 1.0)
     assert (b["matmul_frac"], b["attention_frac"], b["other_frac"]) == (0.5, 0.2, 0.3)
     assert step_breakdown(events, "cuda")["profiled_ms"] == 0.1  # device time on CUDA
+    over_two = step_breakdown(events + events, steps=2)  # two profiled steps: per-step times, the same shares
+    assert (over_two["matmul_ms"], over_two["profiled_ms"], over_two["profiled_steps"]) == (0.5, 1.0, 2)
+    assert over_two["other_frac"] == b["other_frac"]

@@ -19,8 +19,11 @@ Method (all in one process): every variant is built and warmed up in turn (its p
 the timed steps go round-robin over the variants, with one pass of the matmul-peak microbenchmark per round, so that
 machine noise hits everything alike. A step is exactly the trainer's: grad_accum × (autocast forward + loss +
 backward), gradient clipping, optimizer step (train/optim.build_optimizer), router-bias update, zero_grad.
-`mfu` is against that in-run peak of the model's own shapes; `train_mfu` against `machine_peak_flops`, the cached
-square-matmul peak the trainer's metrics.jsonl uses (train/hardware.py), so the two can be compared.
+`mfu` is against that in-run peak of the model's own shapes (the best pass of the run); `mfu_paired` is the median
+over rounds of each round's steps against that round's own pass (on a shared machine the best pass catches a quiet
+moment and `mfu` reads low); `train_mfu` is against `machine_peak_flops`, the cached square-matmul peak the
+trainer's metrics.jsonl uses (train/hardware.py), so the two can be compared. `breakdown` splits PROFILED_STEPS
+profiled steps (after timing) into matmul / attention / everything else.
 """
 from __future__ import annotations
 
@@ -221,13 +224,17 @@ class MatmulPeak:
                                for shape in ((m, k), (n, k), (m, n))) for m, k, n in sorted(shapes)]
         self.best, self.best_shape = 0.0, None
 
-    def run_pass(self) -> None:
+    def run_pass(self) -> float:
+        """-> this pass's best FLOP/s (the machine's speed right now, for the round's paired MFU)."""
+        pass_best = 0.0
         for x_MK, w_NK, g_MN in self.operands:
             for name, fn in (("forward", lambda: F.linear(x_MK, w_NK)), ("grad_input", lambda: g_MN @ w_NK),
                              ("grad_weight", lambda: g_MN.t() @ x_MK)):
                 flops = 2 * x_MK.shape[0] * x_MK.shape[1] * w_NK.shape[0] / time_best(fn, self.device)
+                pass_best = max(pass_best, flops)
                 if flops > self.best:
                     self.best, self.best_shape = flops, (x_MK.shape[0], x_MK.shape[1], w_NK.shape[0], name)
+        return pass_best
 
 
 def _sync(device: torch.device) -> None:
@@ -330,17 +337,18 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
     peak = MatmulPeak(shapes, dtype, rt.device)
     peak.run_pass()  # warm-up: kernel selection, first-touch of the operands
     peak.best = 0.0
+    round_peaks = []  # each round's own peak: the MFU of a round's steps against the speed the machine had then
     for step in range(plan.steps):
         for v in variants:
             train_step(v, rt)
-        peak.run_pass()
+        round_peaks.append(peak.run_pass())
         log(f"[bench] round {step + 1}/{plan.steps}: " +
             ", ".join(f"{v.name} {v.times['step'][-1] * 1e3:.0f} ms" for v in variants) +
             f"; matmul peak so far {peak.best / 1e9:.1f} GFLOP/s")
-    results = [_result(v, variants, plan, rt, peak, meter.source, machine_peak) for v in variants]
+    results = [_result(v, variants, plan, rt, peak, meter.source, machine_peak, round_peaks) for v in variants]
     for v, r in zip(variants, results):  # after timing: the profiler's overhead never enters the timed steps
-        prof = profile_step(v, rt)
-        r["breakdown"] = step_breakdown(prof.key_averages(), rt.device.type)
+        prof = profile_step(v, rt, PROFILED_STEPS)
+        r["breakdown"] = step_breakdown(prof.key_averages(), rt.device.type, PROFILED_STEPS)
         if profile_top:
             log(f"[bench] profile of one step of {v.name}:\n{op_table(prof, rt.device.type, profile_top)}")
     return results
@@ -353,15 +361,21 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_g
 ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
 
 
-def profile_step(v: Variant, rt):
-    """One training step of `v` under torch.profiler (its timing is not recorded) -> the profile."""
+# Steps profiled for the breakdown: one step's shares moved by ±9 points between runs on a shared machine (a burst of
+# load lands on whichever ops run then); summed over three they are steadier.
+PROFILED_STEPS = 3
+
+
+def profile_step(v: Variant, rt, steps: int = 1):
+    """`steps` training steps of `v` under torch.profiler (their timing is not recorded) -> the profile."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
     times = v.times
     v.times = {k: [] for k in times}
     with profile(activities=activities) as prof:
-        train_step(v, rt)
+        for _ in range(steps):
+            train_step(v, rt)
     v.times = times
     return prof
 
@@ -371,9 +385,10 @@ def op_table(prof, device_type: str, top: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
 
 
-def step_breakdown(events, device_type: str = "cpu") -> dict:
-    """Split a profiled step's self time into matmul / attention / everything else: `events` are the profiler's
-    key averages (anything with .key and self time in us). On CUDA the device time counts (the host only queues)."""
+def step_breakdown(events, device_type: str = "cpu", steps: int = 1) -> dict:
+    """Split profiled steps' self time into matmul / attention / everything else: `events` are the profiler's
+    key averages (anything with .key and self time in us) over `steps` steps; the _ms values are per step. On CUDA
+    the device time counts (the host only queues)."""
     attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for e in events:
@@ -385,9 +400,9 @@ def step_breakdown(events, device_type: str = "cpu") -> dict:
         else:
             parts["other"] += us
     total = sum(parts.values())
-    out = {f"{k}_ms": us / 1e3 for k, us in parts.items()}
+    out = {f"{k}_ms": us / 1e3 / steps for k, us in parts.items()}
     out.update({f"{k}_frac": (us / total if total else 0.0) for k, us in parts.items()})
-    out["profiled_ms"] = total / 1e3
+    out["profiled_ms"], out["profiled_steps"] = total / 1e3 / steps, steps
     return out
 
 
@@ -398,7 +413,7 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: MatmulPeak, mem_source: str,
-            machine_peak: float) -> dict:
+            machine_peak: float, round_peaks: list[float]) -> dict:
     base = next(b for b in variants if b.name == plan.baseline)
     step = v.times["step"]
     median = statistics.median(step)
@@ -407,9 +422,13 @@ def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: Matm
     counts = v.model.param_counts()
     # paired per-round ratios: both steps of a round saw the same machine load
     ratios = [(v.tokens_per_step / a) / (base.tokens_per_step / b) for a, b in zip(step, base.times["step"])]
+    # paired MFU: each round's step against that round's matmul pass. The best-of peak of `mfu` comes from the
+    # quietest moment of the run while the step is a median, so on a shared machine `mfu` reads low; this does not.
+    paired = [fpt * v.tokens_per_step / t / p for t, p in zip(step, round_peaks) if p > 0]
     return {
         "variant": v.name, "ffn": ffn_label(v.cfg.model.ffn),
         "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak.best, "peak_matmul_flops": peak.best,
+        "mfu_paired": statistics.median(paired) if paired else None,
         "peak_matmul_shape": list(peak.best_shape),
         "machine_peak_flops": machine_peak, "train_mfu": fpt * tok_s / machine_peak,
         "step_ms_median": median * 1e3, "step_ms_p25": _quantile(step, 0.25) * 1e3,
