@@ -9,10 +9,11 @@ at least: variant, tokens_per_s, mfu, peak_matmul_flops, step_ms_median, peak_me
 model and its best matmul instructions: AMX, AVX-512-BF16, AVX-512 or AVX2), gpu (on CUDA), machine_peak_flops and
 train_mfu (against the cached peak that training runs divide by). "vs base" (JSON: tokens_per_s_vs_baseline) is the
 median over rounds of the variant's tokens/s ÷ the baseline's in the same round (paired, so machine noise mostly
-cancels: quote this ratio rather than two absolute numbers). After the timed rounds one more step per variant runs
-under torch.profiler: `breakdown` splits its self time into matmul / attention / everything else (elementwise work,
-casts, copies, routing, the optimizer), printed under the table; --profile N also prints that step's N most expensive
-operators by self time to stderr.
+cancels: quote this ratio rather than two absolute numbers). mfu_paired (the pMFU column) is the median over rounds
+of each round's steps against that round's own matmul pass. After the timed rounds three more steps per variant run
+under torch.profiler: `breakdown` splits their self time into matmul / attention / everything else (elementwise
+work, casts, copies, routing, the optimizer), printed under the table; --profile N also prints those steps' N most
+expensive operators by self time to stderr.
 """
 import json
 import sys
@@ -58,7 +59,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default: the file's, else 2)")
     parser.add_argument("--json", action="store_true", help="one JSON object per variant per line on stdout")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="after timing, profile one step per variant and print its top N operators")
+                        help="after timing, print the top N operators of the profiled steps of every variant")
     args = parser.parse_args()
 
     from train.bench import load_bench, run_bench

@@ -185,7 +185,7 @@ def test_bench_table_names_the_cpu_and_its_matmul_isa():
 def test_step_breakdown_sorts_operators_into_matmul_attention_and_the_rest():
     from types import SimpleNamespace
 
-    from train.bench import step_breakdown
+    from train.step_profile import step_breakdown
 
     def op(name, us):
         return SimpleNamespace(key=name, self_cpu_time_total=us, self_device_time_total=us / 10)

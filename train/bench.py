@@ -46,6 +46,7 @@ from train.compiler import compile_for_training, resolve_compile
 from train.config import RunConfig, ffn_label, load_config, read_yaml
 from train.errors import ConfigError
 from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
+from train.step_profile import PROFILED_STEPS, op_table, profile_calls, step_breakdown
 
 REQUIRED_KEYS = ("variant", "tokens_per_s", "mfu", "peak_matmul_flops", "step_ms_median", "peak_mem_bytes")
 
@@ -347,63 +348,14 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
             f"; matmul peak so far {peak.best / 1e9:.1f} GFLOP/s")
     results = [_result(v, variants, plan, rt, peak, meter.source, machine_peak, round_peaks) for v in variants]
     for v, r in zip(variants, results):  # after timing: the profiler's overhead never enters the timed steps
-        prof = profile_step(v, rt, PROFILED_STEPS)
+        times, v.times = v.times, {k: [] for k in v.times}  # the profiled steps' timings are not recorded
+        prof = profile_calls(lambda: train_step(v, rt), PROFILED_STEPS, rt.device.type)
+        v.times = times
         r["breakdown"] = step_breakdown(prof.key_averages(), rt.device.type, PROFILED_STEPS)
         if profile_top:
-            log(f"[bench] profile of one step of {v.name}:\n{op_table(prof, rt.device.type, profile_top)}")
+            log(f"[bench] profile of {PROFILED_STEPS} steps of {v.name}:\n"
+                f"{op_table(prof, rt.device.type, profile_top)}")
     return results
-
-
-# Operators whose self time is matrix multiplication or attention; everything else (elementwise work, casts,
-# copies, concatenations, reductions, the optimizer's arithmetic, routing) is what shrinking the step is about.
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::addbmm",
-              "aten::_weight_int8pack_mm", "aten::mkldnn_linear", "aten::_mkldnn_matmul")
-ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
-
-
-# Steps profiled for the breakdown: one step's shares moved by ±9 points between runs on a shared machine (a burst of
-# load lands on whichever ops run then); summed over three they are steadier.
-PROFILED_STEPS = 3
-
-
-def profile_step(v: Variant, rt, steps: int = 1):
-    """`steps` training steps of `v` under torch.profiler (their timing is not recorded) -> the profile."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
-    times = v.times
-    v.times = {k: [] for k in times}
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            train_step(v, rt)
-    v.times = times
-    return prof
-
-
-def op_table(prof, device_type: str, top: int) -> str:
-    sort = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
-
-
-def step_breakdown(events, device_type: str = "cpu", steps: int = 1) -> dict:
-    """Split profiled steps' self time into matmul / attention / everything else: `events` are the profiler's
-    key averages (anything with .key and self time in us) over `steps` steps; the _ms values are per step. On CUDA
-    the device time counts (the host only queues)."""
-    attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    for e in events:
-        us = float(getattr(e, attr, 0.0) or 0.0)
-        if e.key in MATMUL_OPS:
-            parts["matmul"] += us
-        elif any(mark in e.key for mark in ATTENTION_MARKS):
-            parts["attention"] += us
-        else:
-            parts["other"] += us
-    total = sum(parts.values())
-    out = {f"{k}_ms": us / 1e3 / steps for k, us in parts.items()}
-    out.update({f"{k}_frac": (us / total if total else 0.0) for k, us in parts.items()})
-    out["profiled_ms"], out["profiled_steps"] = total / 1e3 / steps, steps
-    return out
 
 
 def _quantile(xs: list[float], q: float) -> float:

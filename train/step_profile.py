@@ -1,0 +1,54 @@
+"""Where a training step's time goes: torch.profiler self time split into matmul / attention / everything else.
+
+Everything else (elementwise work, casts, copies, concatenations, reductions, the optimizer's arithmetic, routing) is
+what shrinking the step is about (issue 18); scripts/bench.py prints the split for every variant.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+# Operators whose self time is matrix multiplication or attention
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::addbmm",
+              "aten::_weight_int8pack_mm", "aten::mkldnn_linear", "aten::_mkldnn_matmul")
+ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+
+# Steps profiled for the breakdown: one step's shares moved by ±9 points between runs on a shared machine (a burst of
+# load lands on whichever ops run then); summed over three they are steadier.
+PROFILED_STEPS = 3
+
+
+def profile_calls(step: Callable[[], None], steps: int, device_type: str = "cpu"):
+    """`step()` called `steps` times under torch.profiler -> the profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    return prof
+
+
+def op_table(prof, device_type: str, top: int) -> str:
+    sort = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
+
+
+def step_breakdown(events, device_type: str = "cpu", steps: int = 1) -> dict:
+    """Split profiled steps' self time into matmul / attention / everything else: `events` are the profiler's
+    key averages (anything with .key and self time in us) over `steps` steps; the _ms values are per step. On CUDA
+    the device time counts (the host only queues)."""
+    attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        us = float(getattr(e, attr, 0.0) or 0.0)
+        if e.key in MATMUL_OPS:
+            parts["matmul"] += us
+        elif any(mark in e.key for mark in ATTENTION_MARKS):
+            parts["attention"] += us
+        else:
+            parts["other"] += us
+    total = sum(parts.values())
+    out = {f"{k}_ms": us / 1e3 / steps for k, us in parts.items()}
+    out.update({f"{k}_frac": (us / total if total else 0.0) for k, us in parts.items()})
+    out["profiled_ms"], out["profiled_steps"] = total / 1e3 / steps, steps
+    return out
