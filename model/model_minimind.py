@@ -57,10 +57,10 @@ def _flip_halves(x_BTNC: torch.Tensor) -> torch.Tensor:
     return x_BTNC.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
-def _rotate(x_BTNC, cos_TC, sin_TC, out=None):
+def _rotate(x_BTNC, cos_TC, sin_TC):
     """x·cos + flip(x)·sin: the same products and sums as the textbook x·cos + rotate_half(x)·sin (the sign sits in
     the table, and (-a)·b = -(a·b) exactly), so bit-identical, without the neg and cat."""
-    return torch.add(x_BTNC * cos_TC[:, None, :], _flip_halves(x_BTNC) * sin_TC[:, None, :], out=out)
+    return x_BTNC * cos_TC[:, None, :] + _flip_halves(x_BTNC) * sin_TC[:, None, :]
 
 
 class QKVRope(torch.autograd.Function):
