@@ -5,6 +5,7 @@ G key/value heads, C head dim, V vocab.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -94,6 +95,34 @@ class QKVRope(torch.autograd.Function):
         return dx_BTNC.flatten(-2), None, None, None, None
 
 
+def fold_gqa(q_BHTC: torch.Tensor, G: int, past_len: int, dropout: float) -> bool:
+    """Whether to run grouped-query attention as G "long" heads (`folded_gqa_attention`): on CPU under bf16/fp16
+    autocast, for causal attention without a cache, in eager mode. fp32 keeps the plain call (its gradients would
+    round differently)."""
+    return (q_BHTC.device.type == "cpu" and q_BHTC.dtype in (torch.bfloat16, torch.float16) and G < q_BHTC.shape[1]
+            and past_len == 0 and dropout == 0.0 and q_BHTC.shape[2] > 1 and not torch.compiler.is_compiling())
+
+
+@functools.lru_cache(maxsize=8)
+def _folded_causal_mask(T: int, R: int, device: str) -> torch.Tensor:
+    """(R·T, T): row r·T + t may see keys 0..t (the causal mask of each of the R stacked query heads)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril().repeat(R, 1)
+
+
+def folded_gqa_attention(q_BHTC, k_BGTC, v_BGTC):
+    """Causal GQA with the R = H/G query heads that share a key/value head stacked along time: G heads of R·T
+    queries with an explicit causal mask. The same softmax(q·kᵀ)·v per query row. Why: PyTorch's CPU flash-attention
+    backward issues five small GEMMs per (batch, head, query block) and picks 64-row query blocks below 768 queries;
+    at MiniMind2-small's shapes those calls' overhead, not the arithmetic, sets its time (~100 ms per layer, 6-7x the
+    forward). Stacked, there are H/G times fewer (batch, head) pairs and 256-row blocks."""
+    B, H, T, C = q_BHTC.shape
+    G = k_BGTC.shape[1]
+    R = H // G
+    mask = _folded_causal_mask(T, R, str(q_BHTC.device))
+    y_BGRC = F.scaled_dot_product_attention(q_BHTC.reshape(B, G, R * T, C), k_BGTC, v_BGTC, attn_mask=mask)
+    return y_BGRC.view(B, H, T, C)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: MiniMindConfig):
         super().__init__()
@@ -120,9 +149,12 @@ class Attention(nn.Module):
             is_causal = False
             if T > 1:
                 mask = torch.ones(T, past_len + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=past_len)
-        y_BHTC = F.scaled_dot_product_attention(
-            q_BHTC, k_BGTC, v_BGTC, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=G != H)
+        dropout = self.dropout if self.training else 0.0
+        if fold_gqa(q_BHTC, G, past_len, dropout):
+            y_BHTC = folded_gqa_attention(q_BHTC, k_BGTC, v_BGTC)
+        else:
+            y_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BGTC, v_BGTC, attn_mask=mask, is_causal=is_causal,
+                                                    dropout_p=dropout, enable_gqa=G != H)
         y_BTD = y_BHTC.transpose(1, 2).reshape(B, T, H * C)
         return self.resid_dropout(self.o_proj(y_BTD)), present
 

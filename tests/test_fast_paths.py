@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from model.config import FFNConfig, MiniMindConfig
 from model.fused_ops import glu_product, has_fused_glu, rms_norm
-from model.model_minimind import MiniMindForCausalLM, QKVRope, rope_cos_sin
+from model.model_minimind import MiniMindForCausalLM, QKVRope, folded_gqa_attention, rope_cos_sin
 from moe_reference import make_moe, naive_moe, use_path
 from train.compiler import compile_for_training, resolve_compile
 from train.optim import build_optimizer
@@ -241,3 +241,23 @@ def test_norms_handing_bf16_to_matmul_input_blocks_change_no_logit(ffn):
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(x).logits, fp32_norms(x).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_gqa_attention_matches_sdpa_with_gradients(dtype):
+    """GQA with the query heads of a group stacked along time (model_minimind.folded_gqa_attention) against SDPA's
+    own causal GQA: outputs and the gradients of q, k and v."""
+    torch.manual_seed(0)
+    B, H, G, T, C = 2, 6, 2, 20, 16
+    q, k, v = torch.randn(B, H, T, C), torch.randn(B, G, T, C), torch.randn(B, G, T, C)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    probe = torch.randn(B, H, T, C).to(dtype)
+    (y,), grads = _fwd_bwd(folded_gqa_attention, (q, k, v), probe)
+    (ref,), ref_grads = _fwd_bwd(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v), probe)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y, ref, **tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **tol)
+    # the first query of every head sees key 0 only: its output is v[0] of its group, exactly as causal demands
+    torch.testing.assert_close(y[:, :, 0], v[:, :, 0].repeat_interleave(H // G, dim=1), atol=0, rtol=0)
