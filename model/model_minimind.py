@@ -97,10 +97,10 @@ class QKVRope(torch.autograd.Function):
 
 def fold_gqa(q_BHTC: torch.Tensor, G: int, past_len: int, dropout: float) -> bool:
     """Whether to run grouped-query attention as G "long" heads (`folded_gqa_attention`): on CPU under bf16/fp16
-    autocast, for causal attention without a cache, in eager mode. fp32 keeps the plain call (its gradients would
+    autocast, for causal attention without a cache. fp32 keeps the plain call (its gradients would
     round differently)."""
     return (q_BHTC.device.type == "cpu" and q_BHTC.dtype in (torch.bfloat16, torch.float16) and G < q_BHTC.shape[1]
-            and past_len == 0 and dropout == 0.0 and q_BHTC.shape[2] > 1 and not torch.compiler.is_compiling())
+            and past_len == 0 and dropout == 0.0 and q_BHTC.shape[2] > 1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,7 +118,10 @@ def folded_gqa_attention(q_BHTC, k_BGTC, v_BGTC):
     B, H, T, C = q_BHTC.shape
     G = k_BGTC.shape[1]
     R = H // G
-    mask = _folded_causal_mask(T, R, str(q_BHTC.device))
+    if torch.compiler.is_compiling():  # traced once per graph; the cache is for eager calls
+        mask = torch.ones(T, T, dtype=torch.bool, device=q_BHTC.device).tril().repeat(R, 1)
+    else:
+        mask = _folded_causal_mask(T, R, str(q_BHTC.device))
     y_BGRC = F.scaled_dot_product_attention(q_BHTC.reshape(B, G, R * T, C), k_BGTC, v_BGTC, attn_mask=mask)
     return y_BGRC.view(B, H, T, C)
 
