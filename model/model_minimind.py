@@ -78,20 +78,14 @@ class QKVRope(torch.autograd.Function):
                 x_BTNC[:, :, H + G:].contiguous())
 
     @staticmethod
-    def backward(ctx, dq_BTHC, dk_BTGC, dv_BTGC):
+    def backward(ctx, dq_BTHC, dk_BTGC, dv_BTGC):  # unused outputs arrive as zeros (materialize_grads)
         cos_TC, sin_TC = ctx.saved_tensors
         H, G = ctx.H, ctx.G
-        grads = (dq_BTHC, dk_BTGC, dv_BTGC)
-        ref = next(g for g in grads if g is not None)
-        B, T, _, C = ref.shape
-        dx_BTNC = ref.new_empty(B, T, H + 2 * G, C)
-        for g, (lo, hi), rotated in zip(grads, ((0, H), (H, H + G), (H + G, H + 2 * G)), (True, True, False)):
-            if g is None:
-                dx_BTNC[:, :, lo:hi].zero_()
-            elif rotated:
-                torch.add(g * cos_TC[:, None, :], _flip_halves(g * sin_TC[:, None, :]), out=dx_BTNC[:, :, lo:hi])
-            else:
-                dx_BTNC[:, :, lo:hi].copy_(g)
+        B, T, _, C = dq_BTHC.shape
+        dx_BTNC = dq_BTHC.new_empty(B, T, H + 2 * G, C)
+        for g, (lo, hi) in ((dq_BTHC, (0, H)), (dk_BTGC, (H, H + G))):
+            torch.add(g * cos_TC[:, None, :], _flip_halves(g * sin_TC[:, None, :]), out=dx_BTNC[:, :, lo:hi])
+        dx_BTNC[:, :, H + G:].copy_(dv_BTGC)
         return dx_BTNC.flatten(-2), None, None, None, None
 
 
@@ -103,10 +97,12 @@ def fold_gqa(q_BHTC: torch.Tensor, G: int, past_len: int, dropout: float) -> boo
             and past_len == 0 and dropout == 0.0 and q_BHTC.shape[2] > 1)
 
 
-@functools.lru_cache(maxsize=8)
-def _folded_causal_mask(T: int, R: int, device: str) -> torch.Tensor:
+def _folded_causal_mask(T: int, R: int, device) -> torch.Tensor:
     """(R·T, T): row r·T + t may see keys 0..t (the causal mask of each of the R stacked query heads)."""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril().repeat(R, 1)
+
+
+_cached_folded_causal_mask = functools.lru_cache(maxsize=8)(_folded_causal_mask)  # eager calls: built once
 
 
 def folded_gqa_attention(q_BHTC, k_BGTC, v_BGTC):
@@ -118,10 +114,9 @@ def folded_gqa_attention(q_BHTC, k_BGTC, v_BGTC):
     B, H, T, C = q_BHTC.shape
     G = k_BGTC.shape[1]
     R = H // G
-    if torch.compiler.is_compiling():  # traced once per graph; the cache is for eager calls
-        mask = torch.ones(T, T, dtype=torch.bool, device=q_BHTC.device).tril().repeat(R, 1)
-    else:
-        mask = _folded_causal_mask(T, R, str(q_BHTC.device))
+    # under torch.compile the mask is built in the graph (traced once); eager calls reuse a cached one
+    mask = (_folded_causal_mask(T, R, q_BHTC.device) if torch.compiler.is_compiling()
+            else _cached_folded_causal_mask(T, R, q_BHTC.device))
     y_BGRC = F.scaled_dot_product_attention(q_BHTC.reshape(B, G, R * T, C), k_BGTC, v_BGTC, attn_mask=mask)
     return y_BGRC.view(B, H, T, C)
 

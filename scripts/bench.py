@@ -26,9 +26,8 @@ def format_table(results: list[dict]) -> str:
             f"{'fwd/bwd/opt ms':>18} {'peak mem':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
-        paired = f"{r['mfu_paired']:>6.1%}" if r.get("mfu_paired") is not None else f"{'-':>6}"
         lines.append(
-            f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {paired} "
+            f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['mfu_paired']:>6.1%} "
             f"{r['tokens_per_s_vs_baseline']:>6.2f}x "
             f"{r['step_ms_median']:>8.0f} ({r['step_ms_p25']:.0f}-{r['step_ms_p75']:.0f}) "
             f"{r['forward_ms_median']:>6.0f}/{r['backward_ms_median']:.0f}/{r['optimizer_ms_median']:.0f} "
@@ -40,8 +39,7 @@ def format_table(results: list[dict]) -> str:
                  f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
                  f"{r['peak_mem_source']}; pMFU: median over rounds of the round's step against the round's "
                  f"own matmul pass")
-    steps = r.get("breakdown", {}).get("profiled_steps", 1)
-    lines.append(f"{steps} profiled step(s) per variant (self time, torch.profiler): " + "; ".join(
+    lines.append(f"{r['breakdown']['profiled_steps']} profiled step(s) per variant (self time, torch.profiler): " + "; ".join(
         f"{x['variant']} matmul {x['breakdown']['matmul_frac']:.0%} / attention {x['breakdown']['attention_frac']:.0%}"
         f" / everything else {x['breakdown']['other_frac']:.0%} of {x['breakdown']['profiled_ms']:.0f} ms per step"
         for x in results))

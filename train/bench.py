@@ -376,11 +376,11 @@ def _result(v: Variant, variants: list[Variant], plan: BenchPlan, rt, peak: Matm
     ratios = [(v.tokens_per_step / a) / (base.tokens_per_step / b) for a, b in zip(step, base.times["step"])]
     # paired MFU: each round's step against that round's matmul pass. The best-of peak of `mfu` comes from the
     # quietest moment of the run while the step is a median, so on a shared machine `mfu` reads low; this does not.
-    paired = [fpt * v.tokens_per_step / t / p for t, p in zip(step, round_peaks) if p > 0]
+    paired = [fpt * v.tokens_per_step / t / p for t, p in zip(step, round_peaks)]
     return {
         "variant": v.name, "ffn": ffn_label(v.cfg.model.ffn),
         "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak.best, "peak_matmul_flops": peak.best,
-        "mfu_paired": statistics.median(paired) if paired else None,
+        "mfu_paired": statistics.median(paired),
         "peak_matmul_shape": list(peak.best_shape),
         "machine_peak_flops": machine_peak, "train_mfu": fpt * tok_s / machine_peak,
         "step_ms_median": median * 1e3, "step_ms_p25": _quantile(step, 0.25) * 1e3,

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
-LOG_NAME = LAUNCH_LOG
 STOP_GRACE_S = 120.0  # after Ctrl-C / SIGTERM: how long a child may take to write its checkpoint before SIGKILL
 
 
@@ -117,7 +116,7 @@ def with_threads(cfg: RunConfig, threads: Optional[int]) -> RunConfig:
 def log_path(run_dir: Path) -> Path:
     """Where a launched run's stdout/stderr go: `<run_dir>/launch.log` (train/rundir.py knows the file: it never
     makes a run directory count as foreign or not empty)."""
-    return Path(run_dir) / LOG_NAME
+    return Path(run_dir) / LAUNCH_LOG
 
 
 def prepare_once(runs: list["PlannedRun"]) -> None:
