@@ -6,9 +6,9 @@ plus the casts and concatenations between them, with the fewest passes the math 
 kernels in the same order as the plain path (bit-identical); backward is the same math with fewer roundings.
 
 - `rms_norm`: F.rms_norm's CPU kernel is a composite (pow, mean, add, rsqrt, mul, mul) whose autograd backward makes
-  ~15 passes; this one makes 7 and saves only x and the per-row 1/rms. Under autocast it writes its output in the
-  compute dtype directly (`out_dtype`), which is the cast the following Linear would otherwise make (and undo in
-  backward). The model uses it only there (model_minimind.RMSNorm): its gradients round differently from autograd's
+  ~15 passes; this one makes 6 and saves x̂ = x/rms (not x: the same memory, one pass fewer in backward) and the
+  per-row 1/rms. Under autocast it writes its output in the compute dtype directly (`out_dtype`), which is the cast
+  the following Linear would otherwise make (and undo in backward). The model uses it only there (model_minimind.RMSNorm): its gradients round differently from autograd's
   (same math), and in fp32 the gain was within noise, so fp32 runs keep F.rms_norm and their digits.
 - `glu_product`: act(gate) ⊙ up from the fused gate_up projection, writing both gradient halves into one buffer (the
   plain path concatenates them in chunk's backward).
@@ -31,16 +31,16 @@ class _RMSNorm(torch.autograd.Function):
         xhat_ND = x_ND * rstd_N1
         y_ND = torch.empty_like(x_ND, dtype=out_dtype or torch.result_type(xhat_ND, weight_D))
         torch.mul(xhat_ND, weight_D, out=y_ND)  # the cast to out_dtype happens in the store: no extra pass
-        ctx.save_for_backward(x_ND, weight_D, rstd_N1)
+        # x̂ rather than x: the same memory (nothing else keeps x), and backward need not recompute it
+        ctx.save_for_backward(xhat_ND, weight_D, rstd_N1)
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_ND, weight_D, rstd_N1 = ctx.saved_tensors
-        D = x_ND.shape[-1]
-        xhat_ND = x_ND * rstd_N1
+        xhat_ND, weight_D, rstd_N1 = ctx.saved_tensors
+        D = xhat_ND.shape[-1]
         # dy arrives in the output's dtype (bf16 under autocast); upcast once (a mixed-dtype CPU op copies its input)
-        dy_ND = dy_ND.to(x_ND.dtype)
+        dy_ND = dy_ND.to(xhat_ND.dtype)
         dyx_ND = torch.mul(dy_ND, xhat_ND)
         dweight_D = dyx_ND.flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
         if not ctx.needs_input_grad[0]:

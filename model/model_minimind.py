@@ -19,6 +19,7 @@ from model.fused_ops import rms_norm
 from model.loss import linear_cross_entropy
 from model.precision import compute_dtype
 from model.registry import build_ffn
+from model.rope import QKVRope, rope_cos_sin
 
 KVCache = list  # per layer: (k_BGPC, v_BGPC)
 
@@ -42,51 +43,6 @@ class RMSNorm(nn.Module):
         # the fused kernel needs one dtype
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
-
-
-def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and *signed* sin tables (T, C) for the "rotate_half" layout of LLaMA/MiniMind, which rotates the pairs
-    (i, i + C/2): out = x·cos + flip_halves(x)·sin with sin's first half negated (see `_rotate`)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles_TC = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq).repeat(1, 2)
-    sign_C = torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)])
-    return angles_TC.cos(), angles_TC.sin() * sign_C
-
-
-def _flip_halves(x_BTNC: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (x2, x1) along the head dim: one copy, where the textbook cat((-x2, x1)) is a neg and a cat."""
-    return x_BTNC.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-
-
-def _rotate(x_BTNC, cos_TC, sin_TC):
-    """x·cos + flip(x)·sin: the same products and sums as the textbook x·cos + rotate_half(x)·sin (the sign sits in
-    the table, and (-a)·b = -(a·b) exactly), so bit-identical, without the neg and cat."""
-    return x_BTNC * cos_TC[:, None, :] + _flip_halves(x_BTNC) * sin_TC[:, None, :]
-
-
-class QKVRope(torch.autograd.Function):
-    """The fused q|k|v projection output -> rotated queries, rotated keys, values, with a backward that writes the
-    three gradients straight into one buffer: autograd through split + RoPE would concatenate them twice. RoPE's
-    backward is the transposed rotation g·cos + flip(g·sin)."""
-
-    @staticmethod
-    def forward(ctx, qkv_BTX, cos_TC, sin_TC, H: int, G: int):
-        x_BTNC = qkv_BTX.unflatten(-1, (H + 2 * G, -1))
-        ctx.save_for_backward(cos_TC, sin_TC)
-        ctx.H, ctx.G = H, G
-        return (_rotate(x_BTNC[:, :, :H], cos_TC, sin_TC), _rotate(x_BTNC[:, :, H:H + G], cos_TC, sin_TC),
-                x_BTNC[:, :, H + G:].contiguous())
-
-    @staticmethod
-    def backward(ctx, dq_BTHC, dk_BTGC, dv_BTGC):  # unused outputs arrive as zeros (materialize_grads)
-        cos_TC, sin_TC = ctx.saved_tensors
-        H, G = ctx.H, ctx.G
-        B, T, _, C = dq_BTHC.shape
-        dx_BTNC = dq_BTHC.new_empty(B, T, H + 2 * G, C)
-        for g, (lo, hi) in ((dq_BTHC, (0, H)), (dk_BTGC, (H, H + G))):
-            torch.add(g * cos_TC[:, None, :], _flip_halves(g * sin_TC[:, None, :]), out=dx_BTNC[:, :, lo:hi])
-        dx_BTNC[:, :, H + G:].copy_(dv_BTGC)
-        return dx_BTNC.flatten(-2), None, None, None, None
 
 
 def fold_gqa(q_BHTC: torch.Tensor, G: int, past_len: int, dropout: float) -> bool:
@@ -134,8 +90,7 @@ class Attention(nn.Module):
     def forward(self, x_BTD, cos_TC, sin_TC, past_kv=None, use_cache=False):
         B, T, _ = x_BTD.shape
         H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
-        q_BTHC, k_BTGC, v_BTGC = QKVRope.apply(self.qkv_proj(x_BTD), cos_TC, sin_TC, H, G)
-        q_BHTC, k_BGTC, v_BGTC = q_BTHC.transpose(1, 2), k_BTGC.transpose(1, 2), v_BTGC.transpose(1, 2)
+        q_BHTC, k_BGTC, v_BGTC = QKVRope.apply(self.qkv_proj(x_BTD), cos_TC, sin_TC, H, G)
         past_len = 0
         if past_kv is not None:
             past_len = past_kv[0].shape[2]

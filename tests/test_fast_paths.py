@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from model.config import FFNConfig, MiniMindConfig
 from model.fused_ops import glu_product, has_fused_glu, rms_norm
-from model.model_minimind import MiniMindForCausalLM, QKVRope, folded_gqa_attention, rope_cos_sin
+from model.model_minimind import MiniMindForCausalLM, folded_gqa_attention
+from model.rope import QKVRope, rope_cos_sin
 from moe_reference import make_moe, naive_moe, use_path
 from train.compiler import compile_for_training, resolve_compile
 from train.optim import build_optimizer
@@ -194,24 +195,49 @@ def test_glu_product_is_bit_identical_to_chunk_act_mul(act, dtype):
     assert torch.autograd.gradcheck(lambda gu: glu_product(gu, act), (gate_up[:1, :2].double().requires_grad_(),))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qkv_rope_is_bit_identical_to_split_and_textbook_rope(dtype):
+def _qkv_rope_and_textbook(dtype, compute=None):
+    """QKVRope's (outputs, dqkv) and the textbook's (split + rotate_half + autograd), both on the same inputs and
+    output gradients; the textbook computed in `compute` (default: dtype)."""
     torch.manual_seed(0)
     B, T, H, G, C = 2, 12, 4, 2, 16
-    cos, sin_signed = (t.to(dtype) for t in rope_cos_sin(C, T, 1e4))
-    sin = sin_signed * torch.cat([-torch.ones(C // 2), torch.ones(C // 2)]).to(dtype)  # the textbook's unsigned sin
+    cos, sin_signed = rope_cos_sin(C, T, 1e4)
+    sin = sin_signed * torch.cat([-torch.ones(C // 2), torch.ones(C // 2)])  # the textbook's unsigned sin
     qkv = torch.randn(B, T, (H + 2 * G) * C).to(dtype)
-    probes = tuple(torch.randn(B, T, n, C).to(dtype) for n in (H, G, G))
+    probes = tuple(torch.randn(B, n, T, C).to(dtype) for n in (H, G, G))  # head-major, like the outputs
+    compute = compute or dtype
 
     def textbook(qkv_BTX):  # LLaMA's rotate_half: x·cos + cat(-x2, x1)·sin
         q, k, v = qkv_BTX.split([H * C, G * C, G * C], dim=-1)
+        c, s = cos.to(compute)[:, None], sin.to(compute)[:, None]
+
         def rot(x_BTNC):
             x1, x2 = x_BTNC.chunk(2, dim=-1)
-            return x_BTNC * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
-        return rot(q.view(B, T, H, C)), rot(k.view(B, T, G, C)), v.view(B, T, G, C)
-    outs, (dqkv,) = _fwd_bwd(lambda t: QKVRope.apply(t, cos, sin_signed, H, G), (qkv,), probes)
-    ref_outs, (ref_dqkv,) = _fwd_bwd(textbook, (qkv,), probes)
+            return (x_BTNC * c + torch.cat([-x2, x1], dim=-1) * s).transpose(1, 2)
+        return rot(q.view(B, T, H, C)), rot(k.view(B, T, G, C)), v.view(B, T, G, C).transpose(1, 2)
+    fused = _fwd_bwd(lambda t: QKVRope.apply(t, cos.to(dtype), sin_signed.to(dtype), H, G), (qkv,), probes)
+    reference = _fwd_bwd(textbook, (qkv.to(compute),), tuple(p.to(compute) for p in probes))
+    return fused, reference, (B, H, G, T, C)
+
+
+def test_qkv_rope_in_fp32_is_bit_identical_to_split_and_textbook_rope():
+    (outs, (dqkv,)), (ref_outs, (ref_dqkv,)), _ = _qkv_rope_and_textbook(torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs)) and torch.equal(dqkv, ref_dqkv)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qkv_rope_in_low_precision_rounds_once_less_than_the_textbook_and_is_head_major(dtype):
+    """bf16/fp16 rotate with one mul and one addcmul per half (the product added before rounding): against the
+    textbook computed in fp64, its error is no larger than the textbook's own in that dtype. The queries come out
+    head-major, so the folded attention's (B, G, R·T, C) query is a view, not a copy."""
+    (outs, (dqkv,)), (low_outs, (low_dqkv,)), (B, H, G, T, C) = _qkv_rope_and_textbook(dtype)
+    _, (exact_outs, (exact_dqkv,)), _ = _qkv_rope_and_textbook(dtype, compute=torch.float64)
+    for ours, textbook, exact in zip((*outs, dqkv), (*low_outs, low_dqkv), (*exact_outs, exact_dqkv)):
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(ours.double(), exact, rtol=eps, atol=eps)
+        assert (ours.double() - exact).abs().mean() <= (textbook.double() - exact).abs().mean()
+    assert torch.equal(outs[2], low_outs[2])  # v is passed through
+    q_BHTC = outs[0]
+    assert q_BHTC.view(B, G, H // G * T, C).data_ptr() == q_BHTC.data_ptr()
 
 
 MATMUL_INPUT_FFNS = {

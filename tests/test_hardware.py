@@ -147,12 +147,37 @@ def test_real_measurement_is_plausible_and_the_trainer_wrapper_uses_the_cache(ca
 
 
 def test_cpu_info_names_the_model_and_matmul_isa(monkeypatch):
+    for var in hw.ISA_CAP_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(hw, "_cpuinfo", lambda: ("Some CPU", frozenset({"avx2", "avx512f", "avx512_bf16"})))
-    assert hw.cpu_info() == {"model": "Some CPU", "isa": "AVX-512-BF16"}
+    assert hw.cpu_info() == {"model": "Some CPU", "isa": "AVX-512-BF16", "isa_cap": None}
     monkeypatch.setattr(hw, "_cpuinfo", lambda: ("Some CPU", frozenset({"avx2", "amx_tile", "amx_bf16"})))
     assert hw.cpu_info()["isa"] == "AMX" and hw.device_name("cpu") == "Some CPU [AMX]"
     monkeypatch.setattr(hw, "_cpuinfo", lambda: ("Old CPU", frozenset({"sse4_2", "avx2"})))
     assert hw.cpu_info()["isa"] == "AVX2"
+
+
+def test_an_onednn_isa_cap_hides_the_matmul_instructions_above_it(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA makes an AMX CPU's bf16 matmuls run as without AMX: the ISA reported, the bf16 rule of
+    dtype auto and the peak cache's key follow the cap, not /proc/cpuinfo alone."""
+    from train.runtime import fast_bf16_cpu
+    monkeypatch.setattr(hw, "_cpuinfo", lambda: ("Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile",
+                                                                    "amx_bf16"})))
+    for var in hw.ISA_CAP_VARS:
+        monkeypatch.delenv(var, raising=False)
+    uncapped = hw.device_name("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert hw.cpu_info() == {"model": "Xeon", "isa": "AVX-512-BF16, oneDNN cap AVX512_CORE_BF16",
+                             "isa_cap": "AVX512_CORE_BF16"}
+    assert "amx_tile" not in hw.cpu_flags() and fast_bf16_cpu() and hw.device_name("cpu") != uncapped
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert hw.cpu_info()["isa"].startswith("AVX2,") and not fast_bf16_cpu()
+    for value in ("AVX512_CORE_AMX", "ALL", "no-such-isa"):  # nothing hidden
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", value)
+        assert hw.cpu_info()["isa"] == "AMX" and hw.isa_cap() is None
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # oneDNN's older name for the same variable
+    assert hw.cpu_info()["isa"] == "AVX-512, oneDNN cap AVX512_CORE"
 
 
 def test_bench_table_names_the_cpu_and_its_matmul_isa():

@@ -62,20 +62,45 @@ def _cpuinfo() -> tuple[str, frozenset]:
     return model or platform.processor() or platform.machine() or "unknown CPU", flags
 
 
+# oneDNN (bf16/fp16 matmuls on CPU) uses the best instructions the CPU has, up to the cap an environment variable may
+# set (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` runs an AMX CPU's matmuls as on a CPU without AMX: the README's stand-in
+# for such a CPU). The cap's rank among our flags: 4 keeps avx512_bf16 and drops AMX, and so on.
+ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+_FLAG_RANK = {"amx_tile": 5, "amx_bf16": 5, "avx512_bf16": 4, "avx512f": 3, "avx2": 2}
+_CAP_RANK = {"SSE41": 1, "AVX": 1, "AVX2": 2, "AVX2_VNNI": 2, "AVX2_VNNI_2": 2, "AVX512_CORE": 3,
+             "AVX512_CORE_VNNI": 3, "AVX512_CORE_BF16": 4, "AVX512_CORE_FP16": 4, "AVX10_1_512": 4}
+
+
+def isa_cap() -> Optional[str]:
+    """The oneDNN ISA cap in effect when it hides instructions from matmuls (e.g. 'AVX512_CORE_BF16'), else None."""
+    for var in ISA_CAP_VARS:
+        value = os.environ.get(var, "").strip().upper()
+        if value:
+            return value if value in _CAP_RANK else None  # AMX levels, ALL, DEFAULT: nothing hidden
+    return None
+
+
 def cpu_flags() -> frozenset:
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
-    return _cpuinfo()[1]
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none), less the matmul ones above an oneDNN ISA
+    cap (`isa_cap`): what bf16 matmuls can use."""
+    flags, cap = _cpuinfo()[1], isa_cap()
+    if cap is None:
+        return flags
+    return frozenset(f for f in flags if _FLAG_RANK.get(f, 0) <= _CAP_RANK[cap])
 
 
 def cpu_info() -> dict:
-    """`model` (/proc/cpuinfo's model name) and `isa`, the best matmul instructions it has: AMX, AVX-512-BF16,
-    AVX-512, AVX2, else the machine type. bf16 speed on a CPU depends on exactly this."""
-    model, flags = _cpuinfo()
+    """`model` (/proc/cpuinfo's model name), `isa`, the best matmul instructions it has: AMX, AVX-512-BF16, AVX-512,
+    AVX2, else the machine type (bf16 speed on a CPU depends on exactly this), and `isa_cap` (None, or the oneDNN
+    cap that hides better ones: `isa` is then what the cap leaves, and the peak cache keeps it apart)."""
+    model, flags, cap = _cpuinfo()[0], cpu_flags(), isa_cap()
     for flag, isa in (("amx_tile", "AMX"), ("avx512_bf16", "AVX-512-BF16"), ("avx512f", "AVX-512"),
                       ("avx2", "AVX2")):
         if flag in flags:
-            return {"model": model, "isa": isa}
-    return {"model": model, "isa": platform.machine() or "unknown"}
+            break
+    else:
+        isa = platform.machine() or "unknown"
+    return {"model": model, "isa": f"{isa}, oneDNN cap {cap}" if cap else isa, "isa_cap": cap}
 
 
 def device_name(device: torch.device | str) -> str:
