@@ -48,8 +48,8 @@ class QKVRope(torch.autograd.Function):
 
     fp32 keeps `_rotate`'s textbook roundings (every fp32 result keeps its digits). bf16/fp16 rotate with
     `_rotate_into` straight into a head-major (B, H+G, T, C) buffer, so the folded attention's query view needs no
-    copy (configs/bench/small.yaml SwiGLU step: 0.986x of the `_rotate` path, paired over 20 rounds: small, kept
-    because it is free of extra memory and exact to one rounding fewer)."""
+    copy. Measured at configs/bench/small.yaml's shapes (paired rounds against the `_rotate` path): step 0.986x
+    (SwiGLU, 20 rounds), within the machine's noise; kept because it does less work and rounds once less."""
 
     @staticmethod
     def forward(ctx, qkv_BTX, cos_TC, sin_TC, H: int, G: int):
