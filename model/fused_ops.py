@@ -8,8 +8,9 @@ kernels in the same order as the plain path (bit-identical); backward is the sam
 - `rms_norm`: F.rms_norm's CPU kernel is a composite (pow, mean, add, rsqrt, mul, mul) whose autograd backward makes
   ~15 passes; this one makes 6 and saves x̂ = x/rms (not x: the same memory, one pass fewer in backward) and the
   per-row 1/rms. Under autocast it writes its output in the compute dtype directly (`out_dtype`), which is the cast
-  the following Linear would otherwise make (and undo in backward). The model uses it only there (model_minimind.RMSNorm): its gradients round differently from autograd's
-  (same math), and in fp32 the gain was within noise, so fp32 runs keep F.rms_norm and their digits.
+  the following Linear would otherwise make (and undo in backward). The model uses it only there
+  (model_minimind.RMSNorm): its gradients round differently from autograd's (same math), and in fp32 the gain was
+  within noise, so fp32 runs keep F.rms_norm and their digits.
 - `glu_product`: act(gate) ⊙ up from the fused gate_up projection, writing both gradient halves into one buffer (the
   plain path concatenates them in chunk's backward).
 
