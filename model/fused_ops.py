@@ -88,7 +88,9 @@ class _GLUProduct(torch.autograd.Function):
 
 
 def has_fused_glu(act) -> bool:
-    return act in _ACT_BACKWARD
+    """Whether `glu_product` serves `act` here. Not inside torch.compile: inductor fuses the plain ops' forward and
+    backward into single loops, which this op's hand-written backward would hide from it."""
+    return act in _ACT_BACKWARD and not torch.compiler.is_compiling()
 
 
 def glu_product(gate_up_NF2: torch.Tensor, act: Callable) -> torch.Tensor:

@@ -19,7 +19,7 @@ from model.fused_ops import rms_norm
 from model.loss import linear_cross_entropy
 from model.precision import compute_dtype
 from model.registry import build_ffn
-from model.rope import QKVRope, rope_cos_sin
+from model.rope import qkv_rope, rope_cos_sin
 
 KVCache = list  # per layer: (k_BGPC, v_BGPC)
 
@@ -35,10 +35,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = compute_dtype(x) if self.feeds_matmuls else x.dtype
-        if x.device.type == "cpu" and out_dtype != x.dtype and x.dtype == self.weight.dtype == torch.float32:
+        if (x.device.type == "cpu" and out_dtype != x.dtype and x.dtype == self.weight.dtype == torch.float32
+                and not torch.compiler.is_compiling()):
             # ATen's CPU rms_norm is a composite with a slow autograd backward (model/fused_ops.py). Only where it
             # also saves the casts (autocast): in fp32 it gained ~2% (noise) and would change every fp32 result's
-            # digits (same math, other rounding), so fp32 runs keep the composite.
+            # digits (same math, other rounding), so fp32 runs keep the composite. Compiled code keeps it too:
+            # inductor fuses the composite's forward and backward itself.
             return rms_norm(x, self.weight, self.eps, out_dtype)
         # the fused kernel needs one dtype
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
@@ -53,9 +55,12 @@ def fold_gqa(q_BHTC: torch.Tensor, G: int, past_len: int, dropout: float) -> boo
             and past_len == 0 and dropout == 0.0 and q_BHTC.shape[2] > 1)
 
 
-def _folded_causal_mask(T: int, R: int, device) -> torch.Tensor:
-    """(R·T, T): row r·T + t may see keys 0..t (the causal mask of each of the R stacked query heads)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril().repeat(R, 1)
+def _folded_causal_mask(T: int, R: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(R·T, T) additive mask: row r·T + t may see keys 0..t (0 there, -inf elsewhere; the causal mask of each of
+    the R stacked query heads). Additive in the query's dtype because SDPA turns a boolean mask into exactly this
+    with a `where` on every call (forward and backward): the same result, without rebuilding it per layer."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril().repeat(R, 1)
+    return torch.zeros(R * T, T, dtype=dtype, device=device).masked_fill_(~causal, float("-inf"))
 
 
 _cached_folded_causal_mask = functools.lru_cache(maxsize=8)(_folded_causal_mask)  # eager calls: built once
@@ -71,8 +76,8 @@ def folded_gqa_attention(q_BHTC, k_BGTC, v_BGTC):
     G = k_BGTC.shape[1]
     R = H // G
     # under torch.compile the mask is built in the graph (traced once); eager calls reuse a cached one
-    mask = (_folded_causal_mask(T, R, q_BHTC.device) if torch.compiler.is_compiling()
-            else _cached_folded_causal_mask(T, R, q_BHTC.device))
+    mask = (_folded_causal_mask(T, R, q_BHTC.dtype, q_BHTC.device) if torch.compiler.is_compiling()
+            else _cached_folded_causal_mask(T, R, q_BHTC.dtype, q_BHTC.device))
     y_BGRC = F.scaled_dot_product_attention(q_BHTC.reshape(B, G, R * T, C), k_BGTC, v_BGTC, attn_mask=mask)
     return y_BGRC.view(B, H, T, C)
 
@@ -90,7 +95,7 @@ class Attention(nn.Module):
     def forward(self, x_BTD, cos_TC, sin_TC, past_kv=None, use_cache=False):
         B, T, _ = x_BTD.shape
         H, G, C = self.n_heads, self.n_kv_heads, self.head_dim
-        q_BHTC, k_BGTC, v_BGTC = QKVRope.apply(self.qkv_proj(x_BTD), cos_TC, sin_TC, H, G)
+        q_BHTC, k_BGTC, v_BGTC = qkv_rope(self.qkv_proj(x_BTD), cos_TC, sin_TC, H, G)
         past_len = 0
         if past_kv is not None:
             past_len = past_kv[0].shape[2]

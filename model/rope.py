@@ -80,3 +80,14 @@ class QKVRope(torch.autograd.Function):
                 _rotate_into(g_BTNC, cos_TC, _flip_halves(sin_TC), dx_BTNC[:, :, lo:hi])
         dx_BTNC[:, :, H + G:].copy_(dv_BGTC.transpose(1, 2))
         return dx_BTNC.flatten(-2), None, None, None, None
+
+
+def qkv_rope(qkv_BTX: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor, H: int, G: int):
+    """-> q_BHTC, k_BGTC, v_BGTC (head-major) from the fused projection: `QKVRope` in eager code; inside torch.compile
+    the plain ops, whose forward and backward inductor fuses itself (the Function's hand-written backward would run
+    as eager ops inside the compiled graph)."""
+    if not torch.compiler.is_compiling():
+        return QKVRope.apply(qkv_BTX, cos_TC, sin_TC, H, G)
+    x_BTNC = qkv_BTX.unflatten(-1, (H + 2 * G, -1))
+    return (_rotate(x_BTNC[:, :, :H], cos_TC, sin_TC).transpose(1, 2),
+            _rotate(x_BTNC[:, :, H:H + G], cos_TC, sin_TC).transpose(1, 2), x_BTNC[:, :, H + G:].transpose(1, 2))

@@ -106,9 +106,14 @@ def test_compiled_model_matches_eager_with_gradients(ffn, mode):
     x = torch.randint(0, 64, (2, 16))
     results = []
     for module, params in ((eager, eager), (compiled, compiled_copy)):
-        out = module(x, torch.roll(x, -1, 1), return_logits=True)
-        (out.loss + out.aux_loss).backward()
+        with torch.profiler.profile() as prof:
+            out = module(x, torch.roll(x, -1, 1), return_logits=True)
+            (out.loss + out.aux_loss).backward()
         results.append((out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in params.named_parameters()}))
+        hand_written = {e.name for e in prof.events()} & {"QKVRope", "QKVRopeBackward", "_GLUProduct",
+                                                          "_GLUProductBackward"}
+        # eager runs the hand-written backward passes; compiled code leaves the plain ops to inductor to fuse
+        assert bool(hand_written) == (module is eager), hand_written
     (ref_logits, ref_loss, ref_grads), (logits, loss, grads) = results
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
@@ -131,11 +136,17 @@ def test_compiled_bf16_moe_with_padded_groups_matches_eager():
     x = torch.randint(0, 64, (2, 16))
     results = []
     for module, params in ((eager, eager), (compiled, compiled_copy)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(x, torch.roll(x, -1, 1))
-            objective = out.loss + out.aux_loss
-        objective.backward()
+        with torch.profiler.profile() as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module(x, torch.roll(x, -1, 1))
+                objective = out.loss + out.aux_loss
+            objective.backward()
         results.append((out.loss.detach(), {n: p.grad for n, p in params.named_parameters()}))
+        hand_written = {e.name for e in prof.events()} & {"_RMSNorm", "_RMSNormBackward", "QKVRope", "_GLUProduct"}
+        if module is compiled:  # inductor fuses the plain ops instead of running the hand-written passes
+            assert not hand_written, hand_written
+        else:
+            assert hand_written == {"_RMSNorm", "_RMSNormBackward", "QKVRope", "_GLUProduct"}
     (ref_loss, ref_grads), (loss, grads) = results
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
     for name, g in ref_grads.items():  # bf16: within 2% of each gradient's largest entry (measured: <= 1%)

@@ -212,17 +212,24 @@ def test_step_breakdown_sorts_operators_into_matmul_attention_and_the_rest():
 
     from train.step_profile import step_breakdown
 
-    def op(name, us):
-        return SimpleNamespace(key=name, self_cpu_time_total=us, self_device_time_total=us / 10)
+    def op(name, us, parent=None, device_type="DeviceType.CPU"):
+        return SimpleNamespace(name=name, self_cpu_time_total=us, self_device_time_total=us / 10, cpu_parent=parent,
+                               device_type=device_type)
 
+    attn_bwd = op("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 120.0)
+    to_copy = op("aten::_to_copy", 0.0)
     events = [op("aten::mm", 300.0), op("aten::_grouped_mm", 100.0), op("aten::addmm", 100.0),
-              op("aten::_scaled_dot_product_flash_attention_for_cpu", 50.0),
-              op("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 150.0),
-              op("aten::mul", 200.0), op("aten::copy_", 100.0)]
+              op("aten::_scaled_dot_product_flash_attention_for_cpu", 50.0), attn_bwd,
+              op("aten::fill_", 20.0, parent=attn_bwd),  # called by the attention op: attention's time
+              op("aten::copy_", 10.0, parent=op("aten::zeros", 0.0, parent=attn_bwd)),  # two levels down
+              op("aten::mul", 200.0), to_copy, op("aten::copy_", 100.0, parent=to_copy)]  # a cast: everything else
     b = step_breakdown(events)
     assert (b["matmul_ms"], b["attention_ms"], b["other_ms"], b["profiled_ms"]) == (0.5, 0.2, 0.3, 1.0)
     assert (b["matmul_frac"], b["attention_frac"], b["other_frac"]) == (0.5, 0.2, 0.3)
     assert step_breakdown(events, "cuda")["profiled_ms"] == 0.1  # device time on CUDA
+    # on CUDA the kernels are events of their own whose time is already in the operator that launched them
+    kernel = op("ampere_bf16_gemm", 999.0, device_type="DeviceType.CUDA")
+    assert step_breakdown(events + [kernel], "cuda") == step_breakdown(events, "cuda")
     over_two = step_breakdown(events + events, steps=2)  # two profiled steps: per-step times, the same shares
     assert (over_two["matmul_ms"], over_two["profiled_ms"], over_two["profiled_steps"]) == (0.5, 1.0, 2)
     assert over_two["other_frac"] == b["other_frac"]

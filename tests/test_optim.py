@@ -169,3 +169,28 @@ def test_ten_muon_steps_lower_the_loss(tiny_data_cache, tmp_path):
     assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(512)
     state = torch.load(out / "state.pt", weights_only=True)
     assert set(state["optimizer"]) == {"muon", "adamw"}
+
+
+def test_clip_grad_norm_gives_torchs_gradients_and_skips_the_identity_multiply(monkeypatch):
+    from train.runtime import clip_grad_norm
+
+    def grads_after(clip, max_norm, scale):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+        for p in params:
+            p.grad = torch.randn_like(p) * scale
+        norm = clip(params, max_norm)
+        return float(norm), [p.grad.clone() for p in params]
+
+    calls = []
+    real = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for max_norm, scale, multiplies in [(1.0, 10.0, True), (1.0, 0.01, False), (float("inf"), 10.0, False),
+                                        (1.0, float("nan"), True)]:
+        calls.clear()
+        norm, grads = grads_after(clip_grad_norm, max_norm, scale)
+        assert bool(calls) == multiplies, (max_norm, scale)
+        ref_norm, ref_grads = grads_after(torch.nn.utils.clip_grad_norm_, max_norm, scale)
+        assert norm == ref_norm or (math.isnan(norm) and math.isnan(ref_norm))
+        for g, ref in zip(grads, ref_grads):  # bit-identical to torch's clipping, NaN where torch has NaN
+            assert torch.equal(g.isnan(), ref.isnan()) and torch.equal(g.nan_to_num(), ref.nan_to_num())

@@ -46,6 +46,7 @@ from train.compiler import compile_for_training, resolve_compile
 from train.config import RunConfig, ffn_label, load_config, read_yaml
 from train.errors import ConfigError
 from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
+from train.runtime import clip_grad_norm, setup_runtime
 from train.step_profile import PROFILED_STEPS, op_table, profile_calls, step_breakdown
 
 REQUIRED_KEYS = ("variant", "tokens_per_s", "mfu", "peak_matmul_flops", "step_ms_median", "peak_mem_bytes")
@@ -295,7 +296,7 @@ def train_step(v: Variant, rt) -> None:
         _sync(device)
         t2 = time.perf_counter()
         fwd, bwd, t0 = fwd + (t1 - t0), bwd + (t2 - t1), t2
-    float(torch.nn.utils.clip_grad_norm_(v.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+    clip_grad_norm(v.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
     float(loss_sum)
     v.optimizer.step()
     v.model.after_optimizer_step()
@@ -310,7 +311,6 @@ def train_step(v: Variant, rt) -> None:
 
 def run_bench(plan: BenchPlan, profile_top: int = 0,
               log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> list[dict]:
-    from train.runtime import setup_runtime
 
     first = next(iter(plan.variants.values())).train
     for name, cfg in plan.variants.items():  # one process, one device, one precision, one thread count
@@ -351,7 +351,7 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
         times, v.times = v.times, {k: [] for k in v.times}  # the profiled steps' timings are not recorded
         prof = profile_calls(lambda: train_step(v, rt), PROFILED_STEPS, rt.device.type)
         v.times = times
-        r["breakdown"] = step_breakdown(prof.key_averages(), rt.device.type, PROFILED_STEPS)
+        r["breakdown"] = step_breakdown(prof.events(), rt.device.type, PROFILED_STEPS)
         if profile_top:
             log(f"[bench] profile of {PROFILED_STEPS} steps of {v.name}:\n"
                 f"{op_table(prof, rt.device.type, profile_top)}")

@@ -237,7 +237,11 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     total = torch.nn.utils.get_total_norm(grads, 2.0)
     if hasattr(total, "full_tensor"):  # a DTensor
         total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    # torch multiplies every gradient by the clamped coefficient even when it is exactly 1 (a pass over all the
+    # gradients for nothing: 2-3% of a MoE step on CPU); skip it then. Same coefficient, same test as torch's.
+    coef = max_norm / (total + 1e-6)
+    if not bool(coef >= 1.0):  # NaN/inf norms take torch's path too
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
 
 

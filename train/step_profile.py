@@ -33,20 +33,29 @@ def op_table(prof, device_type: str, top: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
 
 
+def _category(name: str):
+    if name in MATMUL_OPS:
+        return "matmul"
+    if any(mark in name for mark in ATTENTION_MARKS):
+        return "attention"
+    return None
+
+
 def step_breakdown(events, device_type: str = "cpu", steps: int = 1) -> dict:
     """Split profiled steps' self time into matmul / attention / everything else: `events` are the profiler's
-    key averages (anything with .key and self time in us) over `steps` steps; the _ms values are per step. On CUDA
-    the device time counts (the host only queues)."""
+    events (`prof.events()`: .name, .cpu_parent, self time in us) over `steps` steps; the _ms values are per step.
+    An operator called from inside a matmul or attention operator counts as that operator's time (SDPA's backward
+    zero-fills and copies its gradient buffers through aten::fill_/copy_: attention's own work, not "everything
+    else"). On CUDA the device time counts (the host only queues)."""
     attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for e in events:
-        us = float(getattr(e, attr, 0.0) or 0.0)
-        if e.key in MATMUL_OPS:
-            parts["matmul"] += us
-        elif any(mark in e.key for mark in ATTENTION_MARKS):
-            parts["attention"] += us
-        else:
-            parts["other"] += us
+        if str(getattr(e, "device_type", "CPU")).rsplit(".", 1)[-1] != "CPU":
+            continue  # device kernels: their time is already in the CPU operator that launched them
+        category, parent = _category(e.name), getattr(e, "cpu_parent", None)
+        while category is None and parent is not None:
+            category, parent = _category(parent.name), parent.cpu_parent
+        parts[category or "other"] += float(getattr(e, attr, 0.0) or 0.0)
     total = sum(parts.values())
     out = {f"{k}_ms": us / 1e3 / steps for k, us in parts.items()}
     out.update({f"{k}_frac": (us / total if total else 0.0) for k, us in parts.items()})
