@@ -21,8 +21,8 @@ import torch
 
 CompileSetting = Union[bool, str]
 # auto: compile only runs of at least this many optimizer steps. Measured on the 2-core Xeon with AMX (README
-# "Performance"): compiling the blocks takes ~20-60 s there and saves a fraction of each step, so short runs (the
-# sweeps' 90-300 steps, the tests) lose time to it.
+# "Performance"): compiling the blocks takes ~20-60 s there and saves ~7-11% of a MiniMind2-small bf16 step
+# (configs/bench/compile.yaml), so short runs (the sweeps' 90-300 steps, the tests) lose time to it.
 AUTO_MIN_STEPS = 2000
 
 
