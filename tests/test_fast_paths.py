@@ -164,6 +164,8 @@ def test_compile_setting_resolves_to_off_blocks_or_model(monkeypatch):
     assert resolve_compile("auto", 10 ** 6) == "off"  # inductor needs a C++ compiler on CPU
     with pytest.raises(ValueError, match="valid: false, true, auto, blocks, model"):
         resolve_compile("fast", 10)
+    from train.config import TrainConfig
+    assert TrainConfig().compile == "auto"  # the default: compiled where the run is long enough to pay for it
 
 
 # --- hand-written backward passes (model/fused_ops.py, QKVRope) against autograd through the plain ops ------------
@@ -298,3 +300,22 @@ def test_folded_gqa_attention_matches_sdpa_with_gradients(dtype):
         torch.testing.assert_close(g, r, **tol)
     # the first query of every head sees key 0 only: its output is v[0] of its group, exactly as causal demands
     torch.testing.assert_close(y[:, :, 0], v[:, :, 0].repeat_interleave(H // G, dim=1), atol=0, rtol=0)
+
+
+def test_start_summary_says_whether_the_run_is_compiled():
+    from pathlib import Path
+
+    from train.config import load_config
+    from train.tracking import start_summary
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", ["model.vocab_size=512"])
+    counts = dict(total=10, active=10, embedding=2, attention=3, ffn=4, ffn_active=4)
+    rt = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+
+    def device_line(mode):
+        text = start_summary(cfg, counts, 100, 64, 30, 512, {"train_tokens": 1000, "val_tokens": 100}, 512, rt,
+                             "fp32", 1e9, Path("run"), None, mode)
+        return next(line for line in text.splitlines() if line.strip().startswith("device"))
+
+    assert device_line("off").endswith(", eager (train.compile=auto)")  # auto is the default: a short run stays eager
+    assert device_line("blocks").endswith(", compiled: blocks (train.compile=auto)")

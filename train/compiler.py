@@ -6,8 +6,9 @@
   eager. Parameter names, checkpoints and DDP/FSDP wrapping are unchanged.
 - `model`: `torch.compile` of the whole step model (the wrapper the training step calls); the model itself stays
   eager.
-- `true` means `blocks`; `false` is eager; `auto` compiles the blocks when the run is long enough for the compile
-  time to pay (`AUTO_MIN_STEPS`) and a C++ compiler is present (inductor needs one on CPU), else stays eager.
+- `true` means `blocks`; `false` is eager; `auto` (the default) compiles the blocks when the run is long enough for
+  the compile time to pay (`AUTO_MIN_STEPS`) and a C++ compiler is present (inductor needs one on CPU), else stays
+  eager.
 
 Evaluation and sampling run eager (`eager()`): they use other shapes and no autograd, which would compile again.
 """
@@ -20,9 +21,10 @@ from typing import Union
 import torch
 
 CompileSetting = Union[bool, str]
-# auto: compile only runs of at least this many optimizer steps. Measured on the 2-core Xeon with AMX (README
-# "Performance"): compiling the blocks takes ~20-60 s there and saves ~7-11% of a MiniMind2-small bf16 step
-# (configs/bench/compile.yaml), so short runs (the sweeps' 90-300 steps, the tests) lose time to it.
+# auto (the default): compile only runs of at least this many optimizer steps. Measured on the 2-core Xeon with AMX
+# (README "Performance"): compiled blocks save 6-11% of a MiniMind2-small bf16 step and ~20% of a d=128 fp32 step
+# (the main job's shape), but a cold compile (empty inductor cache) takes 54-84 s at d=128, which pays back only
+# after ~1,150-1,400 steps there; short runs (the sweeps' 90-300 steps, the tests) would lose time to it.
 AUTO_MIN_STEPS = 2000
 
 

@@ -102,8 +102,9 @@ class TrainConfig(_Section):
     # shape in ~/.cache/minimind-ffn/dtype.json (train/dtype_probe.py). fp16 (with a GradScaler) is CUDA-only.
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     # torch.compile (train/compiler.py): false (eager), true or blocks (each transformer block, "regional"), model
-    # (the whole step model), auto (blocks for runs of >= 2000 steps where a C++ compiler exists, else eager)
-    compile: Union[bool, Literal["auto", "blocks", "model"]] = False  # validated with COMPILE_MODES
+    # (the whole step model), auto (default: blocks for runs of >= 2000 steps where a C++ compiler exists, else
+    # eager; shorter runs lose more to compiling than it saves, README "Performance")
+    compile: Union[bool, Literal["auto", "blocks", "model"]] = "auto"  # validated with COMPILE_MODES
     # Under torchrun: ddp (DistributedDataParallel, a whole model per rank) or fsdp (FSDP2: parameters, gradients and
     # optimizer state sharded across ranks; train/runtime.py). Same global batch and checkpoint files either way; a
     # single process ignores it.

@@ -255,7 +255,7 @@ def _fmt(n: float) -> str:
 
 def start_summary(cfg, counts: dict, flops_per_token: int, d_ff: int, max_steps: int, tokens_per_step: int,
                   data_meta: dict, vocab_size: int, rt, dtype: str, peak_flops: float, run_dir: Path,
-                  resumed_from: Optional[int]) -> str:
+                  resumed_from: Optional[int], compile_mode: str = "off") -> str:
     m, t = cfg.model, cfg.train
     from train.config import ffn_label
     ffn = ffn_label(m.ffn) + (f" d_ff={d_ff}" if d_ff else "")  # d_ff 0: no FFN sub-layer
@@ -279,7 +279,9 @@ def start_summary(cfg, counts: dict, flops_per_token: int, d_ff: int, max_steps:
         ("device", f"{rt.device} x{rt.world_size}, "
                    + (f"{dtype} autocast, fp32 weights" if dtype != "fp32" else "fp32 (no autocast)")
                    + (f", {os.cpu_count()} cpus / {torch.get_num_threads()} threads"
-                      if rt.device.type == "cpu" else "")),
+                      if rt.device.type == "cpu" else "")
+                   + (", eager" if compile_mode == "off" else f", compiled: {compile_mode}")
+                   + (" (train.compile=auto)" if t.compile == "auto" else "")),
         ("wandb", f"{cfg.wandb.mode} project={cfg.wandb.project}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -218,10 +218,10 @@ class Trainer:
         print(start_summary(self.cfg, self.counts, self.flops_per_token, resolve_d_ff(self.cfg.model.ffn,
               self.cfg.model.hidden_size), self.max_steps, self.tokens_per_step, self.prepared.meta,
               self.cfg.model.vocab_size, rt, rt.dtype, self.peak_flops, self.run_dir,
-              self.step or None), flush=True)
+              self.step or None, self.compile_mode), flush=True)
         run_info = {"params": self.counts, "flops_per_token": self.flops_per_token, "max_steps": self.max_steps,
                     "tokens_per_step": self.tokens_per_step, "world_size": rt.world_size, "dtype_resolved": rt.dtype,
-                    "device": str(rt.device), "peak_flops": self.peak_flops}
+                    "device": str(rt.device), "peak_flops": self.peak_flops, "compile": self.compile_mode}
         self.tracker = WandbTracker(self.cfg, self.run_dir, self.wandb_id, {**self.config_dict, "run": run_info},
                                     {"params_total": self.counts["total"], "params_active": self.counts["active"],
                                      "flops_per_token": self.flops_per_token})
