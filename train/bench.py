@@ -311,7 +311,6 @@ def train_step(v: Variant, rt) -> None:
 
 def run_bench(plan: BenchPlan, profile_top: int = 0,
               log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> list[dict]:
-
     first = next(iter(plan.variants.values())).train
     for name, cfg in plan.variants.items():  # one process, one device, one precision, one thread count
         for key in ("device", "dtype", "num_threads"):
