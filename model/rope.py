@@ -29,6 +29,12 @@ def _rotate(x_BTNC, cos_TC, sin_TC):
     return x_BTNC * cos_TC[:, None, :] + _flip_halves(x_BTNC) * sin_TC[:, None, :]
 
 
+def _rotate_qk(x_BTNC, cos_TC, sin_TC, H: int, G: int):
+    """The fused projection's queries and keys rotated with `_rotate` (textbook roundings), as head-major views."""
+    return (_rotate(x_BTNC[:, :, :H], cos_TC, sin_TC).transpose(1, 2),
+            _rotate(x_BTNC[:, :, H:H + G], cos_TC, sin_TC).transpose(1, 2))
+
+
 def _rotate_into(x_BTNC, cos_TC, sin_TC, out_BTNC):
     """out = x·cos + flip(x)·sin as one mul and one addcmul_ per half: no flipped copy, no temporaries, and in
     bf16/fp16 one rounding fewer than `_rotate` (the product is added before rounding)."""
@@ -58,8 +64,7 @@ class QKVRope(torch.autograd.Function):
         ctx.H, ctx.G = H, G
         v_BGTC = x_BTNC[:, :, H + G:].contiguous().transpose(1, 2)
         if qkv_BTX.dtype == torch.float32:
-            return (_rotate(x_BTNC[:, :, :H], cos_TC, sin_TC).transpose(1, 2),
-                    _rotate(x_BTNC[:, :, H:H + G], cos_TC, sin_TC).transpose(1, 2), v_BGTC)
+            return (*_rotate_qk(x_BTNC, cos_TC, sin_TC, H, G), v_BGTC)
         B, T, _, C = x_BTNC.shape
         qk_BNTC = qkv_BTX.new_empty(B, H + G, T, C)
         _rotate_into(x_BTNC[:, :, :H + G], cos_TC, sin_TC, qk_BNTC.transpose(1, 2))
@@ -89,5 +94,4 @@ def qkv_rope(qkv_BTX: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor, 
     if not torch.compiler.is_compiling():
         return QKVRope.apply(qkv_BTX, cos_TC, sin_TC, H, G)
     x_BTNC = qkv_BTX.unflatten(-1, (H + 2 * G, -1))
-    return (_rotate(x_BTNC[:, :, :H], cos_TC, sin_TC).transpose(1, 2),
-            _rotate(x_BTNC[:, :, H:H + G], cos_TC, sin_TC).transpose(1, 2), x_BTNC[:, :, H + G:].transpose(1, 2))
+    return (*_rotate_qk(x_BTNC, cos_TC, sin_TC, H, G), x_BTNC[:, :, H + G:].transpose(1, 2))
