@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.precision import compute_dtype
+from model.split_matmul import LM_HEAD_BLOCK, column_blocks, mm_columns, split_applies
 
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 1 << 22  # logits per chunk (16 MB in fp32; 655 rows at vocab 6,400): 2^21..2^23 measured alike
@@ -50,10 +51,13 @@ def _chunked(h_ND, w_VD, target_N, rows: int, dtype: torch.dtype, with_grad: boo
     grad_w_buf = torch.empty(w_VD.shape, dtype=dtype, device=w_VD.device) if with_grad else None
     # pretraining batches rarely ignore rows; asking costs a host sync, cheap on CPU but a stall on GPUs
     masked = h_ND.device.type != "cpu" or bool((target_N == IGNORE_INDEX).any())
+    # the logits in column blocks where that is faster (model/split_matmul.py), else one matmul
+    V = w_VD.shape[0]
+    widths = column_blocks(V, LM_HEAD_BLOCK) if split_applies(h_ND, dtype) else (V,)
     for start in range(0, h_ND.shape[0], rows):
         h_CD, target_C = h_ND_c[start:start + rows], target_N[start:start + rows]
         c = h_CD.shape[0]
-        logits_CV = torch.mm(h_CD, w_VD_c.T, out=logits_buf[:c])
+        logits_CV = mm_columns(h_CD, w_VD_c, widths, logits_buf[:c])
         logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32, out=logp_buf[:c])
         chunk_sum, valid_C, safe_C = _chunk_nll(logp_CV, target_C)
         loss_sum += chunk_sum

@@ -6,6 +6,7 @@
 - torch.compile (train.compile): the compiled model (whole, or per block) vs the same weights in eager mode.
 - The hand-written backward passes (model/fused_ops.py: RMSNorm, GLU product; QKVRope) vs autograd through the
   plain ops, and the norms that hand bf16 to matmul-only consumers vs norms that emit fp32.
+- The column-split bf16 matmul (model/split_matmul.py) vs F.linear under autocast.
 """
 import copy
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from model.config import FFNConfig, MiniMindConfig
 from model.fused_ops import glu_product, has_fused_glu, rms_norm
 from model.model_minimind import MiniMindForCausalLM, folded_gqa_attention
 from model.rope import QKVRope, rope_cos_sin
+from model.split_matmul import column_blocks, split_applies, split_linear
 from moe_reference import make_moe, naive_moe, use_path
 from train.compiler import compile_for_training, resolve_compile
 from train.optim import build_optimizer
@@ -319,3 +321,61 @@ def test_start_summary_says_whether_the_run_is_compiled():
 
     assert device_line("off").endswith(", eager (train.compile=auto)")  # auto is the default: a short run stays eager
     assert device_line("blocks").endswith(", compiled: blocks (train.compile=auto)")
+
+
+# --- x @ W.T in column blocks for bf16/fp16 matmuls on CPU (model/split_matmul.py) -----------------------------------
+
+def test_split_applies_to_low_precision_eager_cpu_matmuls_only(monkeypatch):
+    x = torch.zeros(2, 4)
+    assert split_applies(x, torch.bfloat16) and split_applies(x, torch.float16)
+    assert not split_applies(x, torch.float32)  # MKL: one matmul, the fp32 digits stay as they were
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not split_applies(x, torch.bfloat16)  # inside torch.compile inductor picks its own matmul calls
+    assert column_blocks(6400, 1024) == (1024,) * 6 + (256,) and column_blocks(700, 1024) == (700,)
+
+
+@pytest.mark.parametrize("widths", [(40, 40), (32, 32, 16)], ids=["halves", "uneven-blocks"])
+def test_split_linear_is_the_blocks_of_f_linear_with_its_autocast_gradients(widths):
+    """Forward: each block is F.linear of that block of rows of W (bf16 under autocast), in its own columns.
+    Backward: exactly what autograd computes for F.linear under autocast, for dx and (fp32) dW."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24).to(torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(80, 24) * 0.2).requires_grad_(True)
+    probe = torch.randn(3, 7, 80).to(torch.bfloat16)
+    grads = []
+    for fn in (lambda: split_linear(x, weight, widths, torch.bfloat16), lambda: F.linear(x, weight)):
+        x.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn()
+        y.backward(probe)
+        grads.append((y.detach(), x.grad, weight.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = grads
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    w_bf16 = weight.detach().to(torch.bfloat16)
+    blocks = [x.detach() @ w_bf16[s:s + n].T for s, n in zip(starts, widths)]
+    assert y.dtype == torch.bfloat16 and torch.equal(y, torch.cat(blocks, dim=-1))
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=2 ** -7)  # a full matmul may round in another order
+    assert dx.dtype == x.dtype and dw.dtype == torch.float32
+    assert torch.equal(dx, dx_ref) and torch.equal(dw, dw_ref)
+
+
+def test_glu_block_splits_gate_and_up_under_bf16_autocast_and_matches_the_linear(monkeypatch):
+    import model.ffn as ffn_mod
+    from model.ffn import GLUFFN
+    torch.manual_seed(0)
+    block = GLUFFN(32, 48, "silu")
+    x = torch.randn(2, 16, 32).to(torch.bfloat16)
+    probe = torch.randn(2, 16, 32).to(torch.bfloat16)
+    runs = []
+    for split in (True, False):
+        monkeypatch.setattr(ffn_mod, "split_applies", lambda x, dtype, split=split: split)
+        with torch.profiler.profile() as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, dx, grads = _grads(block, x, block, probe)
+        assert ("_SplitLinear" in {e.name for e in prof.events()}) == split
+        runs.append((out, dx, grads))
+    (out, dx, grads), (ref_out, ref_dx, ref_grads) = runs
+    torch.testing.assert_close(out, ref_out, atol=1e-2, rtol=2e-2)
+    torch.testing.assert_close(dx, ref_dx, atol=1e-2, rtol=2e-2)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-3, rtol=2e-2, msg=name)

@@ -100,6 +100,25 @@ def test_bf16_autocast_matches_plain(monkeypatch, no_shortcut, ignored):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
 
 
+def test_bf16_logits_in_column_blocks_are_the_single_matmuls(monkeypatch, no_shortcut):
+    """On CPU in bf16 the logits are computed in LM_HEAD_BLOCK-wide column blocks (model/split_matmul.py): with
+    blocks of 16 (16 + 16 + 5 columns) loss and gradients equal the one-matmul chunks', and the blocks did run."""
+    import model.split_matmul as split_mod
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 8 * V)
+    monkeypatch.setattr(loss_mod, "LM_HEAD_BLOCK", 16)
+    calls = []
+    monkeypatch.setattr(loss_mod, "mm_columns", lambda *a: calls.append(a[2]) or split_mod.mm_columns(*a))
+    h, w, y = inputs()
+    blocked = loss_and_grads(linear_cross_entropy, h, w, y, autocast=True)
+    assert calls and all(widths == (16, 16, 5) for widths in calls)
+    monkeypatch.setattr(loss_mod, "split_applies", lambda x, dtype: False)
+    calls.clear()
+    single = loss_and_grads(linear_cross_entropy, h, w, y, autocast=True)
+    assert calls and all(widths == (V,) for widths in calls)
+    for a, b in zip(blocked, single):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("rows", [9, 2 * N], ids=["chunks", "one-chunk"])
 def test_no_grad_path_gives_the_plain_loss(rows):
     h, w, y = inputs()
