@@ -1,4 +1,4 @@
-"""Sweeps in parallel and on Slurm (train/launch.py): `--jobs N` runs are bit-identical to the same runs trained alone
+"""Sweeps in parallel and on Slurm (train/launch.py, train/launch_slurm.py): `--jobs N` runs are bit-identical to the same runs trained alone
 at the same thread count, a failing job is reported with its log while the others finish, Ctrl-C stops every child
 with a checkpoint, submitit jobs (its LocalExecutor, the Slurm code path) give the sequential sweep's numbers,
 --no-wait + --collect finish a tuning sweep, and bad Slurm options are one line, exit 2."""
@@ -16,8 +16,9 @@ import yaml
 from train.compare import run_sweep
 from train.config import load_config
 from train.errors import ConfigError, UserError
-from train.launch import (LocalPool, SubmititLauncher, auto_jobs, build_launcher, config_text, log_path,
-                          slurm_minutes, slurm_options, slurm_parameters, with_threads)
+from train.launch import LocalPool, auto_jobs, build_launcher
+from train.launch_common import config_text, log_path, with_threads
+from train.launch_slurm import SubmititLauncher, slurm_minutes, slurm_options, slurm_parameters
 from train.plan import plan_sweep, run_finished
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -160,7 +160,7 @@ class SweepConfig(BaseModel):
     budget: Optional[BudgetSpec] = None
     factors: Optional[dict[str, list[Any]]] = None  # key -> levels; their cross product, each level a sub-sweep
     # {slurm: {partition, time, cpus_per_run, gpus_per_run, mem, account, qos, array_parallelism}}: the options of
-    # `scripts/compare.py --launcher slurm`, validated by train/launch.py (they never change a run's result)
+    # `scripts/compare.py --launcher slurm`, validated by train/launch_slurm.py (they never change a run's result)
     launcher: Optional[dict[str, Any]] = None
     parent: Optional[ParentSpec] = None  # a run per seed, trained first, that variants start from
 
