@@ -1,5 +1,5 @@
-"""Sweeps in parallel and on Slurm (train/launch.py, train/launch_slurm.py): `--jobs N` runs are bit-identical to the same runs trained alone
-at the same thread count, a failing job is reported with its log while the others finish, Ctrl-C stops every child
+"""Sweeps in parallel and on Slurm (train/launch.py, train/launch_slurm.py): `--jobs N` runs are bit-identical to the
+same runs trained alone at the same thread count, a failing job is reported with its log while the others finish, Ctrl-C stops every child
 with a checkpoint, submitit jobs (its LocalExecutor, the Slurm code path) give the sequential sweep's numbers,
 --no-wait + --collect finish a tuning sweep, and bad Slurm options are one line, exit 2."""
 import json

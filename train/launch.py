@@ -10,9 +10,9 @@ runs it is handed and says which failed.
   so a resumed sweep keeps it. With GPUs, one GPU per job (`CUDA_VISIBLE_DEVICES`). A child's stdout and stderr go
   to its run's `launch.log`; a failed child (non-zero exit) is reported with that path and the others go on; Ctrl-C
   or SIGTERM stops every child cleanly (SIGTERM: a checkpoint at the step boundary; SIGKILL after a grace period).
-- Slurm (`SubmititLauncher`, train/launch_slurm.py): each run is one submitit job (one job array per phase) calling `train_job(yaml text)`,
-  a module-level function: only the config's text is pickled, never code. Jobs are recorded in
-  `<sweep>/submitit/jobs.json`, so a rerun of the same command waits for (or, with --no-wait, leaves) jobs still
+- Slurm (`SubmititLauncher`, train/launch_slurm.py): each run is one submitit job (one job array per phase) calling
+  `train_job(yaml text)`, a module-level function: only the config's text is pickled, never code. Jobs are recorded
+  in `<sweep>/submitit/jobs.json`, so a rerun of the same command waits for (or, with --no-wait, leaves) jobs still
   queued or running instead of submitting them twice, and `--collect` can report and submit the next phase later.
   `cluster="local"` runs the same path through submitit's LocalExecutor on this machine (the tests use it).
 
