@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from _cli import make_parser, run_main
 
-from train.config import load_config
+from train.config_load import load_config
 from train.data import prepare_data
 
 

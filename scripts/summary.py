@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from model.config import resolve_d_ff  # noqa: E402
 from model.counting import meta_model  # noqa: E402
 from model.registry import ffn_class  # noqa: E402
-from train.config import ffn_label, load_config  # noqa: E402
+from train.config import ffn_label  # noqa: E402
+from train.config_load import load_config  # noqa: E402
 
 
 def resolve_vocab(cfg) -> tuple[int, str]:

@@ -12,7 +12,7 @@ from _cli import make_parser, run_main
 
 def main() -> int:
     args = make_parser(__doc__.splitlines()[0]).parse_args()
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import TrainingInterrupted, train
 
     cfg = load_config(args.config, args.overrides)

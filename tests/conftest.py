@@ -20,7 +20,7 @@ def tiny_data_cache(tmp_path_factory):
     Use it as the override `data.cache_dir=<path>` with configs/tiny.yaml."""
     from pathlib import Path
 
-    from train.config import load_config
+    from train.config_load import load_config
     from train.data import prepare_data
 
     cache = tmp_path_factory.mktemp("tiny-data")
@@ -35,7 +35,7 @@ def tiny_run(tiny_data_cache, tmp_path_factory):
     steps 10 and 20, one checkpoint (step 20). For tools that read runs (generate, evaluate, export). Read-only."""
     from pathlib import Path
 
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import train
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"

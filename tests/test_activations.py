@@ -14,7 +14,8 @@ from model.config import Activation, FFNConfig, MiniMindConfig
 from model.counting import meta_counts
 from model.ffn import DenseFFN, GLUFFN
 from model.model_minimind import MiniMindForCausalLM
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig
+from train.config_load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

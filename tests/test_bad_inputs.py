@@ -186,7 +186,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def world(tiny_data_cache, tmp_path_factory) -> dict:
     """A data cache and a finished 4-step run (checkpoints at steps 2 and 4) that no case may change."""
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import train
 
     root = tmp_path_factory.mktemp("bad-inputs")

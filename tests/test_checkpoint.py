@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from train import checkpoint as ck
+from train import train_state
 from train.config import TrainConfig
 from train.errors import CheckpointError
 from train.optim import build_optimizer, lr_at, plan_budget
@@ -33,7 +34,7 @@ class Tied(torch.nn.Module):
 
 
 def _save(run_dir, step, model, keep_last=3):
-    state = {"step": step, "rng": [ck.capture_rng()], "note": "x"}
+    state = {"step": step, "rng": [train_state.capture_rng()], "note": "x"}
     return ck.save_checkpoint(run_dir, step, model, state, {"model": {"hidden_size": 4}}, keep_last)
 
 
@@ -52,7 +53,7 @@ def test_save_writes_complete_checkpoint_and_tied_weights_load_with_safetensors_
     # the top-level copies are the latest checkpoint's files
     assert (tmp_path / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
     fresh = Tied()
-    ck.load_weights(fresh, tmp_path / "model.safetensors")
+    train_state.load_weights(fresh, tmp_path / "model.safetensors")
     assert torch.equal(fresh.head.weight, model.embed.weight)
     assert fresh.head.weight.data_ptr() == fresh.embed.weight.data_ptr()  # still tied
 
@@ -154,9 +155,9 @@ def test_rng_state_round_trip():
 
     import numpy as np
 
-    state = ck.capture_rng()
+    state = train_state.capture_rng()
     a = (torch.rand(3), np.random.rand(3), random.random())
-    ck.restore_rng(torch.load(_roundtrip(state), weights_only=True))
+    train_state.restore_rng(torch.load(_roundtrip(state), weights_only=True))
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
 
@@ -235,7 +236,7 @@ def test_weight_decay_only_on_matrices():
 
 def _run_with_checkpoint(tmp_path, *overrides):
     """A run directory holding one checkpoint (step 5) written with the config `overrides` give; -> its digest."""
-    from train.config import load_config
+    from train.config_load import load_config
 
     cfg = load_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.max_steps=20", *overrides])
     (tmp_path / "run").mkdir()
@@ -249,7 +250,7 @@ def _digest(folder):
 
 
 def _resume(tmp_path, *overrides):
-    from train.config import load_config
+    from train.config_load import load_config
     from train.rundir import open_run_dir
 
     lock, found = open_run_dir(load_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.max_steps=20",
@@ -311,7 +312,7 @@ def test_the_allowed_keys_are_train_keys():
 # Exact resume under train.optimizer=muon (Muon + AdamW state, MoE expert stacks: per-expert momentum buffers)
 
 def test_exact_resume_under_muon_is_bitwise(tiny_data_cache, tmp_path):
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import TrainingInterrupted, train
 
     def tiny(out, *overrides):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from model.config import FFNConfig, MiniMindConfig
-from train.config import load_config
+from train.config_load import load_config
 from train.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_interpolations_in_overrides_are_refused_not_resolved(monkeypatch, overr
 
 
 def test_validate_config_refuses_interpolations_from_elsewhere(monkeypatch):
-    from train.config import validate_config
+    from train.config_load import validate_config
 
     monkeypatch.setenv("SECRET", SECRET)
     with pytest.raises(ConfigError) as info:

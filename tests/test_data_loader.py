@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import load_config
+from train.config_load import load_config
 from train.data import TrainBatches
 from train.errors import DataError
 

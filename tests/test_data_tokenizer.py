@@ -1,7 +1,8 @@
 """Byte-level BPE: exact round trips (any Unicode), determinism, loadable by transformers, bad vocab sizes."""
 import pytest
 
-from train.config import TokenizerConfig, load_config
+from train.config import TokenizerConfig
+from train.config_load import load_config
 from train.data import load_tokenizer, token_byte_lengths
 from train.data.tokenizer import train_tokenizer
 from train.errors import ConfigError, DataError

@@ -13,7 +13,7 @@ import torch
 from model.config import FFNConfig, MiniMindConfig, resolve_d_ff
 from model.model_minimind import MiniMindForCausalLM
 from train.plan import plan_sweep
-from train.config import load_config
+from train.config_load import load_config
 from train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

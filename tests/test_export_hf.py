@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 from model.config import FFNConfig, MiniMindConfig
 from model.ffn import ACTIVATIONS
 from model.model_minimind import MiniMindForCausalLM
-from train.checkpoint import weights_to_bytes
+from train.train_state import weights_to_bytes
 from train.config import DataConfig, RunConfig, TokenizerConfig
 from train.data.tokenizer import train_tokenizer
 from train.export_hf import HF_ACTIVATIONS, ExportError, export_run, hf_architecture, to_hf_model

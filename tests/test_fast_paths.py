@@ -307,7 +307,7 @@ def test_folded_gqa_attention_matches_sdpa_with_gradients(dtype):
 def test_start_summary_says_whether_the_run_is_compiled():
     from pathlib import Path
 
-    from train.config import load_config
+    from train.config_load import load_config
     from train.tracking import start_summary
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", ["model.vocab_size=512"])

@@ -67,7 +67,7 @@ def same_values(row):
 def test_fsdp_two_processes_match_one_process_save_single_process_files_and_resume_exactly(kind, tiny_data_cache,
                                                                                           tmp_path):
     from train.checkpoint import STATE, list_checkpoints, load_run, load_state
-    from train.config import load_config
+    from train.config_load import load_config
     from train.tracking import read_metrics
     from train.trainer import train
 
@@ -143,7 +143,7 @@ def test_one_process_fsdp_is_the_plain_model():
     """In a single process train.parallel=fsdp wraps nothing: the run is the plain single-process run."""
     from model.config import MiniMindConfig
     from model.model_minimind import MiniMindForCausalLM
-    from train.checkpoint import is_sharded
+    from train.train_state import is_sharded
     from train.runtime import Runtime, shard_model, wrap_model
 
     rt = Runtime(device=torch.device("cpu"), dtype="fp32", parallel="fsdp")
@@ -167,7 +167,7 @@ def test_mixed_precision_policy_only_for_cuda_bf16():
 
 
 def test_parallel_key_is_validated():
-    from train.config import load_config
+    from train.config_load import load_config
     from train.errors import ConfigError
 
     assert load_config(TINY, []).train.parallel == "ddp"
@@ -182,8 +182,8 @@ def _fsdp_driver(cache: str, base: str, kind: str) -> None:
     """Under torchrun: the uninterrupted run, then the stopped and resumed one, in one process group."""
     import torch.distributed as dist
 
-    from train import checkpoint, runtime, trainer
-    from train.config import load_config
+    from train import runtime, train_state, trainer
+    from train.config_load import load_config
     from train.trainer import TrainingInterrupted, train
 
     dist.init_process_group("gloo")
@@ -192,7 +192,7 @@ def _fsdp_driver(cache: str, base: str, kind: str) -> None:
 
     def spy(model, blocks, rt):  # records that each training did shard its model
         model = shard_model(model, blocks, rt)
-        sharded.append(checkpoint.is_sharded(model) and all(checkpoint.is_sharded(b) for b in blocks))
+        sharded.append(train_state.is_sharded(model) and all(train_state.is_sharded(b) for b in blocks))
         return model
 
     trainer.shard_model = spy

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from train.compare import run_sweep
-from train.config import load_config
+from train.config_load import load_config
 from train.errors import ConfigError, UserError
 from train.launch import LocalPool, auto_jobs, build_launcher
 from train.launch_common import config_text, log_path, with_threads

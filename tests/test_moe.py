@@ -318,7 +318,7 @@ def test_aux_free_two_process_ddp_keeps_the_single_process_bias(tiny_data_cache,
 
     from safetensors.torch import load_file
 
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import train
     from train.tracking import read_metrics
 

@@ -194,7 +194,7 @@ def test_health_of_dropless_routing_uses_every_active_parameter_and_counts_null_
 def test_train_lines_carry_per_layer_health(tiny_data_cache, tmp_path):
     from pathlib import Path
 
-    from train.config import load_config
+    from train.config_load import load_config
     from train.runs import read_metrics
     from train.trainer import train
 

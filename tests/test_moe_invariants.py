@@ -228,7 +228,7 @@ def test_global_aux_two_process_ddp_equals_one_process_with_the_union_micro_batc
     LM loss the same tokens. Sigmoid scoring with the selection bias moving beside the loss (DeepSeek-V3's mix)."""
     from safetensors.torch import load_file
 
-    from train.config import load_config
+    from train.config_load import load_config
     from train.runs import read_metrics
     from train.trainer import train
 

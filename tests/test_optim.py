@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from model.model_minimind import MiniMindForCausalLM
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig
+from train.config_load import load_config
 from train.optim import CombinedOptimizer, MuonStacks, build_optimizer, lr_at, set_lr
 from train.tracking import read_metrics
 

@@ -16,7 +16,8 @@ from model.config import FFNConfig, MiniMindConfig, resolve_d_ff
 from model.ffn import ACTIVATIONS, DENSE_ACTIVATIONS, FFNBlock, check_activation, dense_ffn_params, round_to
 from model.model_minimind import MiniMindForCausalLM
 from model.registry import FFN_REGISTRY, build_ffn, ffn_class, register_ffn, unregister_ffn
-from train.config import ffn_label, load_config
+from train.config import ffn_label
+from train.config_load import load_config
 from train.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from train.checkpoint import list_checkpoints, load_run, verify_checkpoint
 from train.rundir import RunLock
-from train.config import load_config
+from train.config_load import load_config
 from train.errors import CheckpointError, ConfigError
 from train.tracking import read_metrics, read_wandb_history
 from train.trainer import TrainingDiverged, TrainingInterrupted, train

@@ -84,7 +84,7 @@ def test_selection_reads_tuning_losses_never_reporting_blocks(base, tmp_path, mo
 
 
 def test_validation_parts_are_disjoint_halves(base):
-    from train.config import load_config
+    from train.config_load import load_config
     from train.data import prepare_data, val_batches
     cfg = load_config(base)
     prepared = prepare_data(cfg.data)

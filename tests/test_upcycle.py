@@ -10,7 +10,8 @@ import torch
 from model.config import FFNConfig
 from model.model_minimind import MiniMindForCausalLM
 from train import checkpoint as ck
-from train.config import load_config
+from train import train_state
+from train.config_load import load_config
 from train.errors import ConfigError
 from train.upcycle import upcycle
 
@@ -30,7 +31,7 @@ def finished_run(run_dir: Path, *overrides: str) -> Path:
             p.normal_(0, 0.1)
     run_dir.mkdir(parents=True)
     ck.write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    ck.write_atomic(run_dir / ck.WEIGHTS, ck.weights_to_bytes(model))
+    ck.write_atomic(run_dir / ck.WEIGHTS, train_state.weights_to_bytes(model))
     ck.write_atomic(run_dir / "metrics.jsonl", json.dumps({"type": "final", "step": 1, "val_loss": 5.0}) + "\n")
     ck.write_atomic(run_dir / "tokenizer.json", '{"tokenizer": "parent"}')
     return run_dir
@@ -62,7 +63,7 @@ def logits(model, seed=0):
 
 def parent_model(parent: Path):
     model = MiniMindForCausalLM(load_config(parent / "config.yaml").model)
-    ck.load_weights(model, parent / ck.WEIGHTS)
+    train_state.load_weights(model, parent / ck.WEIGHTS)
     return model
 
 

@@ -15,7 +15,7 @@ import train.compare as compare
 from test_compare import tiny_base as compare_tiny_base, write_yaml
 from train import checkpoint as ck
 from train.compare import run_sweep
-from train.config import load_config
+from train.config_load import load_config
 from train.errors import ConfigError
 from train.plan import plan_sweep
 from train.runtime import setup_runtime

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from train.compiler import compile_for_training, resolve_compile
-from train.config import RunConfig, ffn_label, load_config, read_yaml
+from train.config import RunConfig, ffn_label
+from train.config_load import load_config, read_yaml
 from train.errors import ConfigError
 from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
 from train.runtime import clip_grad_norm, setup_runtime

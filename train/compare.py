@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from train.config import RunConfig, read_yaml
+from train.config import RunConfig
+from train.config_load import read_yaml
 from train.errors import ConfigError, UserError
 from train.plan import PlannedRun, SweepPlan, check_shared, resolve_selection, run_finished
 from train.sweep import flatten

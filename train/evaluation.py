@@ -15,7 +15,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Optional
 
-from train.config import parse_override
+from train.config_load import parse_override
 from train.errors import CheckpointError, ConfigError, DataError, UserError
 
 EVAL_TRAIN_KEYS = ("eval_tokens", "micro_batch_size", "device", "dtype", "num_threads")
@@ -48,7 +48,7 @@ def eval_config(run_cfg, config_file, pairs: list[tuple[str, object]], data_text
     """The RunConfig to evaluate with: the run's model and train settings, the chosen data, the run's tokenizer."""
     from omegaconf import OmegaConf
 
-    from train.config import load_config, validate_config
+    from train.config_load import load_config, validate_config
 
     base = run_cfg.to_dict()
     if config_file is not None:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Optional
 
 import yaml
 
-from train.config import RunConfig, validate_config
+from train.config import RunConfig
+from train.config_load import validate_config
 from train.rundir import LAUNCH_LOG
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError, field_validator
 
-from train.config import validate_config
+from train.config_load import validate_config
 from train.errors import ConfigError, UserError
 from train.fsutil import write_atomic
 from train.launch_common import ROOT, config_text, final_loss_text, last_error_line, prepare_once, with_threads

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from train.config import RunConfig, load_config, parse_override
+from train.config import RunConfig
+from train.config_load import load_config, parse_override
 from train.errors import ConfigError
 from train.runs import is_finished, read_final
 from train.sweep import (ALLOWED_VARIANT_KEYS, FORBIDDEN_MODEL_KEYS, PARENT, PARENT_KEYS, SweepConfig,

@@ -38,7 +38,7 @@ def build_report(plan, command: str = "") -> dict:
     """Read the plan's run directories, write report.json, report.md and the PNGs into the sweep directory, log a
     wandb summary table; returns the report document."""
     from train.plan import check_param_match, count_params, run_finished
-    from train.config import read_yaml, validate_config
+    from train.config_load import read_yaml, validate_config
     from train.plots import make_plots
     from train.report_render import render_markdown
     results = []

@@ -7,6 +7,7 @@
   meaning alone), and the error names the first key that differs.
 - Resume never silently changes a run: its train section must equal the checkpoint's except the mechanics in
   RESUMABLE_TRAIN_KEYS, and the budget may only grow; otherwise one error names every differing key, both values.
+- The files a run writes beside its checkpoints when it starts: config.yaml, tokenizer.json, metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from train.checkpoint import error_cause
 from train.config import RunConfig, TrainConfig
 from train.errors import CheckpointError, ConfigError
 from train.optim import plan_budget
+from train.tracking import MetricsLog, read_metrics, warn
 
 # What a run directory may hold; other files in a directory without a checkpoint mean it is not ours to reuse.
 # launch.log: stdout/stderr of a run started by `compare.py --jobs` / Slurm (train/launch.py), opened before the run
@@ -176,3 +178,33 @@ def resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({vocab_size}); set it to >= {vocab_size} or null")
     return cfg
+
+
+def final_record(metrics_path: Path, step: int) -> Optional[dict]:
+    """The run's `final` metrics record if the last one was written at `step` (a finished run), else None."""
+    try:
+        finals = [r for r in read_metrics(metrics_path) if r.get("type") == "final"]
+    except (OSError, ValueError):
+        return None
+    return finals[-1] if finals and finals[-1].get("step") == step else None
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, tokenizer_path: str | Path, step: int,
+                    max_steps: int) -> MetricsLog:
+    """Write the run directory's config.yaml and tokenizer.json (a resumed run keeps its tokenizer and warns when
+    the data cache's differs) and open metrics.jsonl: emptied for a fresh run; for a resumed one cut after `step`
+    unless the run is finished there (its final record stays)."""
+    ck.write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    tokenizer = Path(tokenizer_path).read_bytes()
+    run_tokenizer = run_dir / "tokenizer.json"
+    if step > 0 and run_tokenizer.exists():
+        if run_tokenizer.read_bytes() != tokenizer:
+            warn(f"the data cache's tokenizer differs from {run_tokenizer} (kept); was the data rebuilt?")
+    else:
+        ck.write_atomic(run_tokenizer, tokenizer)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if step == 0:
+        metrics.reset()
+    elif step < max_steps or not final_record(metrics.path, step):
+        metrics.truncate_after(step)
+    return metrics

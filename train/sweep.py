@@ -48,7 +48,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from train.config import read_yaml
+from train.config_load import read_yaml
 from train.errors import ConfigError
 
 # Keys (besides model.*) a variant may change: they do not change what the model sees or how it is optimised

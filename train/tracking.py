@@ -88,6 +88,26 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def routing_metrics(model, rt) -> dict:
+    """The train record's routing fields since the last train line, averaged over ranks (a collective when the
+    model counts expert load): `expert_load` (per layer, per router output) and each layer's health() (MoE:
+    moe_max_vio, moe_router_entropy, ...) as name -> per layer; the windows start again. {} for models without
+    counting layers. `rt` is the run's train.runtime.Runtime."""
+    per_layer = model.expert_load()  # [] without layers that count their expert load
+    if not per_layer:
+        return {}
+    flat = rt.all_reduce_sum([v for layer in per_layer for v in layer])
+    it = iter(v / rt.world_size for v in flat)
+    record = {"expert_load": [[next(it) for _ in layer] for layer in per_layer]}
+    layers = [ffn.health() for ffn in model.moe_layers() if hasattr(ffn, "health")]
+    names = list(layers[0]) if layers else []
+    it = iter(v / rt.world_size for v in rt.all_reduce_sum([h[n] for h in layers for n in names]))
+    rows = [[next(it) for _ in names] for _ in layers]
+    record.update({n: [row[i] for row in rows] for i, n in enumerate(names)})
+    model.reset_expert_load()
+    return record
+
+
 def write_samples(run_dir: Path, samples: list[dict], step: int) -> None:
     write_atomic(Path(run_dir) / "samples.json", json.dumps({"step": step, "samples": samples}, indent=1))
     md = [f"# Samples at step {step}", ""]

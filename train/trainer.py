@@ -25,11 +25,13 @@ from train import checkpoint as ck
 from train.config import RunConfig
 from train.errors import CheckpointError, ConfigError, DataError, UserError
 from train.optim import build_optimizer, lr_at, plan_budget, set_lr
-from train.rundir import check_same_model, open_run_dir, resolve_vocab
+from train.rundir import check_same_model, final_record, open_run_dir, resolve_vocab, write_run_files
 from train.runtime import (Runtime, StopRequest, clip_grad_norm, grad_sync, measure_peak_flops, seed_everything,
                            settle_auto_dtype, setup_runtime, shard_model, wrap_model)
 from train.compiler import compile_for_training, eager, resolve_compile
-from train.tracking import MetricsLog, WandbTracker, read_metrics, start_summary, warn, write_samples
+from train.train_state import (capture_rng, load_optimizer_state, load_weights, model_state, optimizer_state,
+                               restore_moe_windows, restore_rng, unsharded_copy)
+from train.tracking import WandbTracker, routing_metrics, start_summary, write_samples
 
 
 class TrainingDiverged(UserError):
@@ -136,56 +138,29 @@ class Trainer:
         return str(found) if found else None
 
     def _restore(self, ckpt: Path) -> None:
-        ck.load_weights(self.model, ckpt / ck.WEIGHTS)  # fsdp: every rank reads the full file and keeps its shard
+        load_weights(self.model, ckpt / ck.WEIGHTS)  # fsdp: every rank reads the full file and keeps its shard
         state = ck.load_state(ckpt)
         try:
-            ck.load_optimizer_state(self.optimizer, state["optimizer"], self.model)
+            load_optimizer_state(self.optimizer, state["optimizer"], self.model)
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state in {ckpt} does not fit this model: {e}") from None
         rngs = state["rng"]
-        ck.restore_rng(rngs[self.rt.rank] if self.rt.rank < len(rngs) else rngs[0])
+        restore_rng(rngs[self.rt.rank] if self.rt.rank < len(rngs) else rngs[0])
         self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         self.wandb_id = state.get("wandb_id")
         self.meter = {**self._new_meter(), **(state.get("meter") or {})}
         self.saved_step, self.saved_path = self.step, str(ckpt)
         # the open logging window (load counts, routing-health counters), so the next train line matches
-        windows = state.get("moe_windows_per_rank") or []
-        if windows:
-            for layer, window in zip(self.model.moe_layers(), windows[min(self.rt.rank, len(windows) - 1)]):
-                layer.load_window_state(window)
-        else:  # older checkpoints: load counts only (per rank, or rank 0's)
-            loads = state.get("expert_load_counts_per_rank") or []
-            loads = loads[self.rt.rank] if self.rt.rank < len(loads) else state.get("expert_load_counts") or []
-            for layer, counts in zip(self.model.moe_layers(), loads):
-                layer.load_counts.copy_(counts)
+        restore_moe_windows(self.model, state, self.rt.rank)
         if state.get("world_size", 1) != self.rt.world_size:
             self.say(f"note: the checkpoint was written by {state.get('world_size')} process(es), this run has "
                      f"{self.rt.world_size}: same global batch, but not bitwise identical to an uninterrupted run")
         self.say(f"resuming from step {self.step} ({ckpt})")
 
     def _write_run_files(self) -> None:
-        ck.write_atomic(self.run_dir / "config.yaml", self.cfg.to_yaml())
-        tokenizer = Path(self.prepared.tokenizer_path).read_bytes()
-        run_tokenizer = self.run_dir / "tokenizer.json"
-        if self.step > 0 and run_tokenizer.exists():
-            if run_tokenizer.read_bytes() != tokenizer:
-                warn(f"the data cache's tokenizer differs from {run_tokenizer} (kept); was the data rebuilt?")
-        else:
-            ck.write_atomic(run_tokenizer, tokenizer)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        if self.step == 0:
-            self.metrics.reset()
-        elif self.step < self.max_steps or not self._final_record():
-            self.metrics.truncate_after(self.step)
-
-    def _final_record(self) -> Optional[dict]:
-        try:
-            finals = [r for r in read_metrics(self.metrics.path) if r.get("type") == "final"]
-        except (OSError, ValueError):
-            return None
-        return finals[-1] if finals and finals[-1].get("step") == self.step else None
+        self.metrics = write_run_files(self.run_dir, self.cfg, self.prepared.tokenizer_path, self.step, self.max_steps)
 
     def _new_meter(self) -> dict:
         """Sums over the steps since the last train line (saved in checkpoints so resumed lines match)."""
@@ -194,7 +169,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
         if self.step >= self.max_steps:
-            done = self.rt.on_main(self._final_record)
+            done = self.rt.on_main(lambda: final_record(self.metrics.path, self.step))
             if done:
                 self.say(f"run already complete at step {self.step} ({self.run_dir}); nothing to do")
                 return done
@@ -318,19 +293,7 @@ class Trainer:
     # -- logging, eval, checkpoints ------------------------------------------------------------------------------
     def _log_train(self) -> None:
         m, rt = self.meter, self.rt
-        load, health = None, {}
-        per_layer = self.model.expert_load()  # [] without layers that count their expert load
-        if per_layer:
-            flat = rt.all_reduce_sum([v for layer in per_layer for v in layer])
-            it = iter(v / rt.world_size for v in flat)
-            load = [[next(it) for _ in layer] for layer in per_layer]
-            # each layer's health() (MoE: moe_max_vio, moe_router_entropy, ...), averaged over ranks -> name: per layer
-            layers = [ffn.health() for ffn in self.model.moe_layers() if hasattr(ffn, "health")]
-            names = list(layers[0]) if layers else []
-            it = iter(v / rt.world_size for v in rt.all_reduce_sum([h[n] for h in layers for n in names]))
-            rows = [[next(it) for _ in names] for _ in layers]
-            health = {n: [row[i] for row in rows] for i, n in enumerate(names)}
-            self.model.reset_expert_load()
+        routing = routing_metrics(self.model, rt)  # MoE: expert_load and health per layer; {} otherwise
         steps = max(m["steps"], 1)
         tok_per_s = self.window_steps * self.tokens_per_step / self.window_time if self.window_time else 0.0
         rec = {"type": "train", "step": self.step, "tokens": self.step * self.tokens_per_step,
@@ -340,9 +303,7 @@ class Trainer:
         rec.update({k: v / steps for k, v in m["aux"].items()})  # MoE: aux_loss, z_loss (with coefficients)
         if m["skipped"]:
             rec["skipped"] = m["skipped"]
-        if load is not None:
-            rec["expert_load"] = load
-        rec.update(health)
+        rec.update(routing)
         self.meter, self.window_time, self.window_steps = self._new_meter(), 0.0, 0
         self.last_loss = rec["loss"]
         if not rt.is_main:
@@ -395,10 +356,10 @@ class Trainer:
         return self.last_val
 
     def _save(self) -> None:
-        rngs = self.rt.gather(ck.capture_rng())
+        rngs = self.rt.gather(capture_rng())
         windows = self.rt.gather([layer.window_state() for layer in self.model.moe_layers()])  # per rank (rank 0)
         # every rank takes part (fsdp gathers the full weights and optimizer state onto rank 0); rank 0 writes
-        tensors, optimizer = ck.model_state(self.model), ck.optimizer_state(self.optimizer, self.model)
+        tensors, optimizer = model_state(self.model), optimizer_state(self.optimizer, self.model)
 
         def write() -> str:
             loads = [[w["load_counts"] for w in rank] for rank in windows]
@@ -436,7 +397,7 @@ class Trainer:
                  "tok_per_s": getattr(self, "session_tokens", 0) / max(getattr(self, "session_time", 0.0), 1e-9),
                  "run_dir": str(self.run_dir), "wandb_id": self.wandb_id,
                  "wandb_dir": self.tracker.dir if self.tracker else None}
-        sampler = self._unsharded_model()
+        sampler = unsharded_copy(self.model, self.cfg.model, self.rt)
         if rt.is_main:
             with eager(self.compile_mode):  # one token at a time with a KV cache: new shapes every call
                 samples = generate_samples(sampler, load_tokenizer(self.run_dir / "tokenizer.json"),
@@ -450,22 +411,6 @@ class Trainer:
                   f"bpb {final.get('val_bpb', float('nan')):.4f}, {final['tok_per_s']:,.0f} tok/s -> {self.run_dir}",
                   flush=True)
         return final
-
-    def _unsharded_model(self) -> Optional[torch.nn.Module]:
-        """The model rank 0 generates samples with: the model itself, or under FSDP a plain copy built from the
-        gathered full weights (a collective; None on the other ranks): generation runs on rank 0 alone, and a sharded
-        model's forward would wait for the other ranks to join its all-gathers."""
-        from model.model_minimind import MiniMindForCausalLM
-
-        if not self.rt.fsdp:
-            return self.model
-        tensors = ck.model_state(self.model)
-        if not self.rt.is_main:
-            return None
-        with torch.random.fork_rng(devices=[]):  # building it initialises weights: leave the run's RNG alone
-            plain = MiniMindForCausalLM(self.cfg.model)
-        plain.load_state_dict(tensors, strict=True)
-        return plain.to(self.rt.device)
 
     def close(self, failed: bool = False) -> None:
         if self.tracker is not None:

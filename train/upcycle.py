@@ -35,8 +35,10 @@ from typing import Callable, Optional
 
 import torch
 
-from train.checkpoint import WEIGHTS, load_weights
-from train.config import RunConfig, read_yaml, validate_config
+from train.checkpoint import WEIGHTS
+from train.train_state import load_weights
+from train.config import RunConfig
+from train.config_load import read_yaml, validate_config
 from train.errors import ConfigError
 from train.runs import read_final
 from train.sweep import flatten
