@@ -18,7 +18,8 @@ from train.config import TrainConfig
 from train.errors import CheckpointError
 from train.optim import build_optimizer, lr_at, plan_budget
 from train.rundir import RunLock
-from train.tracking import MetricsLog, read_metrics
+from train.runs import read_metrics
+from train.tracking import MetricsLog
 
 
 class Tied(torch.nn.Module):

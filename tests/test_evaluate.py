@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from train.checkpoint import load_run
-from train.tracking import read_metrics
+from train.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("ROMEO: But, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"

@@ -54,7 +54,7 @@ def launch_fsdp(cache, base: Path, kind: str) -> float:
 
 
 def train_rows(run):
-    from train.tracking import read_metrics
+    from train.runs import read_metrics
 
     return [r for r in read_metrics(run / "metrics.jsonl") if r["type"] == "train"]
 
@@ -68,7 +68,7 @@ def test_fsdp_two_processes_match_one_process_save_single_process_files_and_resu
                                                                                           tmp_path):
     from train.checkpoint import STATE, list_checkpoints, load_run, load_state
     from train.config_load import load_config
-    from train.tracking import read_metrics
+    from train.runs import read_metrics
     from train.trainer import train
 
     single = tmp_path / "single"

@@ -320,7 +320,7 @@ def test_aux_free_two_process_ddp_keeps_the_single_process_bias(tiny_data_cache,
 
     from train.config_load import load_config
     from train.trainer import train
-    from train.tracking import read_metrics
+    from train.runs import read_metrics
 
     root = Path(__file__).resolve().parents[1]
     common = [f"data.cache_dir={tiny_data_cache}", "model.ffn.type=moe", "model.ffn.n_experts=4",

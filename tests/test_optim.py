@@ -14,7 +14,7 @@ from model.model_minimind import MiniMindForCausalLM
 from train.config import TrainConfig
 from train.config_load import load_config
 from train.optim import CombinedOptimizer, MuonStacks, build_optimizer, lr_at, set_lr
-from train.tracking import read_metrics
+from train.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -17,7 +17,8 @@ from train.checkpoint import list_checkpoints, load_run, verify_checkpoint
 from train.rundir import RunLock
 from train.config_load import load_config
 from train.errors import CheckpointError, ConfigError
-from train.tracking import read_metrics, read_wandb_history
+from train.runs import read_metrics
+from train.tracking import read_wandb_history
 from train.trainer import TrainingDiverged, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]

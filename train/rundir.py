@@ -23,7 +23,8 @@ from train.checkpoint import error_cause
 from train.config import RunConfig, TrainConfig
 from train.errors import CheckpointError, ConfigError
 from train.optim import plan_budget
-from train.tracking import MetricsLog, read_metrics, warn
+from train.runs import read_metrics
+from train.tracking import MetricsLog, warn
 
 # What a run directory may hold; other files in a directory without a checkpoint mean it is not ours to reuse.
 # launch.log: stdout/stderr of a run started by `compare.py --jobs` / Slurm (train/launch.py), opened before the run

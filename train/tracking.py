@@ -84,10 +84,6 @@ class MetricsLog:
             raise CheckpointError(f"cannot write {self.path}: {e.strerror or e}") from None
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def routing_metrics(model, rt) -> dict:
     """The train record's routing fields since the last train line, averaged over ranks (a collective when the
     model counts expert load): `expert_load` (per layer, per router output) and each layer's health() (MoE:
