@@ -259,3 +259,57 @@ def test_wandb_failing_mid_run_is_switched_off_with_one_warning(capsys):
     err = capsys.readouterr().err
     assert tracker.run is None
     assert err.count("warning:") == 1 and "network went away" in err and "metrics.jsonl" in err
+
+
+def test_wandb_offline_fallback_survives_a_run_id_left_in_use(monkeypatch, tmp_path, capsys):
+    """A timed-out online init can leave its run id registered in wandb's service; the offline fallback under that
+    id then fails with 'run ID ... is in use' (seen under load). The tracker must still log offline, under a new id."""
+    import sys
+    import types
+    from train.config import RunConfig
+    from train.tracking import WandbTracker
+
+    held, calls = set(), []
+
+    class FakeRun:
+        def __init__(self, run_id):
+            self.dir = str(tmp_path / f"offline-run-x-{run_id}" / "files")
+            self.summary = {}
+
+    def init(*, id, mode, **kwargs):
+        calls.append((mode, id))
+        if mode == "online":
+            held.add(id)  # the timed-out init keeps the id, teardown does not release it
+            raise TimeoutError("Run initialization has timed out after 3 sec (127.0.0.1:9)")
+        if id in held:
+            raise RuntimeError(f"run ID {id} is in use")
+        return FakeRun(id)
+
+    fake = types.SimpleNamespace(init=init, teardown=lambda: None, Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    tracker = WandbTracker(RunConfig(wandb={"mode": "online"}), tmp_path, "abc12345", {}, {})
+    assert [m for m, _ in calls] == ["online", "offline", "offline"]
+    assert calls[0][1] == calls[1][1] == "abc12345" and calls[2][1] not in held
+    assert tracker.run is not None and tracker.id == calls[2][1]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "logging offline instead" in err
+
+
+def test_wandb_offline_fallback_keeps_the_run_id_when_it_is_free(monkeypatch, tmp_path):
+    import sys
+    import types
+    from train.config import RunConfig
+    from train.tracking import WandbTracker
+
+    calls = []
+
+    def init(*, id, mode, **kwargs):
+        calls.append((mode, id))
+        if mode == "online":
+            raise TimeoutError("Run initialization has timed out")
+        return types.SimpleNamespace(dir=str(tmp_path / "offline-run" / "files"), summary={})
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, teardown=lambda: None,
+                                                                     Settings=lambda **kw: kw))
+    tracker = WandbTracker(RunConfig(wandb={"mode": "online"}), tmp_path, "abc12345", {}, {})
+    assert calls == [("online", "abc12345"), ("offline", "abc12345")] and tracker.id == "abc12345"

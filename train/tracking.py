@@ -135,13 +135,22 @@ class WandbTracker:
         except Exception as e:  # a broken install must not stop training either
             self._warn(f"wandb is unavailable ({_short(e)}); metrics are in metrics.jsonl only")
             return
-        for mode in modes:
+        # A timed-out online init can keep its run id registered in wandb's service even after teardown
+        # ("run ID ... is in use"), which would block the offline fallback under the same id: the fallback then gets
+        # one more try under a fresh id (the run's own history stays whole; only `wandb sync` sees two ids).
+        attempts = [(m, self.id) for m in modes] + ([("offline", None)] if len(modes) > 1 else [])
+        for mode, run_id_try in attempts:
+            if run_id_try is None:
+                if not problems or "in use" not in problems[-1]:
+                    break
+                run_id_try = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             try:
                 self.run = wandb.init(
                     project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
                     tags=list(cfg.wandb.tags), notes=cfg.wandb.notes, name=cfg.wandb.name or cfg.run_name,
-                    id=self.id, resume="allow", dir=wandb_dir, mode=mode, config=config,
+                    id=run_id_try, resume="allow", dir=wandb_dir, mode=mode, config=config,
                     settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout, console="off"))
+                self.id = run_id_try
                 break
             except Exception as e:
                 problems.append(f"{mode}: {_short(e)}")
