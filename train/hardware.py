@@ -63,8 +63,8 @@ def _cpuinfo() -> tuple[str, frozenset]:
 
 
 # oneDNN (bf16/fp16 matmuls on CPU) uses the best instructions the CPU has, up to the cap an environment variable may
-# set (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` runs an AMX CPU's matmuls as on a CPU without AMX: the README's stand-in
-# for such a CPU). The cap's rank among our flags: 4 keeps avx512_bf16 and drops AMX, and so on.
+# set (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` runs an AMX CPU's matmuls as on a CPU without AMX: the stand-in for
+# such a CPU in docs/performance.md). The cap's rank among our flags: 4 keeps avx512_bf16 and drops AMX, and so on.
 ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 _FLAG_RANK = {"amx_tile": 5, "amx_bf16": 5, "avx512_bf16": 4, "avx512f": 3, "avx2": 2}
 _CAP_RANK = {"SSE41": 1, "AVX": 1, "AVX2": 2, "AVX2_VNNI": 2, "AVX2_VNNI_2": 2, "AVX512_CORE": 3,
