@@ -43,6 +43,10 @@ def format_table(results: list[dict]) -> str:
         f"{x['variant']} matmul {x['breakdown']['matmul_frac']:.0%} / attention {x['breakdown']['attention_frac']:.0%}"
         f" / everything else {x['breakdown']['other_frac']:.0%} of {x['breakdown']['profiled_ms']:.0f} ms per step"
         for x in results))
+    lines.append("minor page faults per step, timed / profiled (the profiler's allocations fragment the heap; "
+                 "the profiled steps' extra faults show up as the ops that touch new memory): " + ", ".join(
+                     f"{x['variant']} {x['minor_faults_per_step']:,.0f} / "
+                     f"{x['breakdown']['minor_faults_per_step']:,.0f}" for x in results))
     gpu = f"; GPU {r['gpu']}" if r.get("gpu") else ""
     lines.append(f"CPU {r['cpu']} (matmul ISA {r['cpu_isa']}){gpu}; MFU as training logs it (vs the cached "
                  f"square-matmul peak {r['machine_peak_flops'] / 1e9:.1f} GFLOP/s): " +

@@ -64,6 +64,11 @@ def test_bench_json_on_tiny_variants(tmp_path):
         # can only be at least the best-of MFU (Jensen for the 2-step mean), and still a fraction
         assert r["mfu"] * (1 - 1e-9) <= r["mfu_paired"] <= 1, (r["mfu"], r["mfu_paired"])
         assert r["dtype"] == "fp32" and r["device"] == "cpu"  # tiny.yaml's settings, not the bench's
+        # page faults per step, timed and profiled: counts, so whole numbers over the steps, never negative
+        assert r["minor_faults_per_step"] * r["steps"] == int(r["minor_faults_per_step"] * r["steps"]) >= 0
+        b = r["breakdown"]
+        profiled = b["minor_faults_per_step"] * b["profiled_steps"]
+        assert profiled == int(profiled) >= 0
     assert rows[0]["tokens_per_s_vs_baseline"] == 1.0
     assert rows[1]["params_total"] > rows[1]["params_active"]  # the MoE really has more weights than it uses
 
@@ -76,3 +81,17 @@ def test_bench_plain_config_and_bad_variant(tmp_path):
     bad = _bench(tmp_path, "--config", tiny, "--variants", "nope")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: --variants: unknown nope; valid: glu-silu"]
+
+
+def test_minor_faults_counts_first_touches_of_fresh_memory():
+    import mmap
+    from train.step_profile import minor_faults
+
+    size = 64 << 20
+    region = mmap.mmap(-1, size)  # fresh anonymous memory: no page is backed until written
+    before = minor_faults()
+    for offset in range(0, size, 4096):
+        region[offset] = 1
+    touched = minor_faults() - before
+    region.close()
+    assert touched >= size // (2 << 20)  # at least one fault per 2 MB (transparent huge pages), else per 4 KB page

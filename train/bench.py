@@ -23,7 +23,8 @@ backward), gradient clipping, optimizer step (train/optim.build_optimizer), rout
 over rounds of each round's steps against that round's own pass (on a shared machine the best pass catches a quiet
 moment and `mfu` reads low); `train_mfu` is against `machine_peak_flops`, the cached square-matmul peak the
 trainer's metrics.jsonl uses (train/hardware.py), so the two can be compared. `breakdown` splits PROFILED_STEPS
-profiled steps (after timing) into matmul / attention / everything else.
+profiled steps (after timing) into matmul / attention / everything else; `minor_faults_per_step` (timed, and in
+`breakdown` profiled) says how much of a step went to first touches of new memory.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from train.config_load import load_config, read_yaml
 from train.errors import ConfigError
 from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
 from train.runtime import clip_grad_norm, setup_runtime
-from train.step_profile import PROFILED_STEPS, op_table, profile_calls, step_breakdown
+from train.step_profile import PROFILED_STEPS, minor_faults, op_table, profile_calls, step_breakdown
 
 REQUIRED_KEYS = ("variant", "tokens_per_s", "mfu", "peak_matmul_flops", "step_ms_median", "peak_mem_bytes")
 
@@ -339,19 +340,28 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
     peak.run_pass()  # warm-up: kernel selection, first-touch of the operands
     peak.best = 0.0
     round_peaks = []  # each round's own peak: the MFU of a round's steps against the speed the machine had then
+    faults = {v.name: 0 for v in variants}
     for step in range(plan.steps):
         for v in variants:
+            before = minor_faults()
             train_step(v, rt)
+            faults[v.name] += minor_faults() - before
         round_peaks.append(peak.run_pass())
         log(f"[bench] round {step + 1}/{plan.steps}: " +
             ", ".join(f"{v.name} {v.times['step'][-1] * 1e3:.0f} ms" for v in variants) +
             f"; matmul peak so far {peak.best / 1e9:.1f} GFLOP/s")
     results = [_result(v, variants, plan, rt, peak, meter.source, machine_peak, round_peaks) for v in variants]
     for v, r in zip(variants, results):  # after timing: the profiler's overhead never enters the timed steps
+        r["minor_faults_per_step"] = faults[v.name] / plan.steps
         times, v.times = v.times, {k: [] for k in v.times}  # the profiled steps' timings are not recorded
+        before = minor_faults()
         prof = profile_calls(lambda: train_step(v, rt), PROFILED_STEPS, rt.device.type)
+        profiled_faults = minor_faults() - before
         v.times = times
         r["breakdown"] = step_breakdown(prof.events(), rt.device.type, PROFILED_STEPS)
+        # profiled steps page-fault where timed ones do not (the profiler's allocations fragment the heap); that
+        # time lands on the ops that touch new memory, mostly "everything else": recorded so it can be seen
+        r["breakdown"]["minor_faults_per_step"] = profiled_faults / PROFILED_STEPS
         if profile_top:
             log(f"[bench] profile of {PROFILED_STEPS} steps of {v.name}:\n"
                 f"{op_table(prof, rt.device.type, profile_top)}")

@@ -5,6 +5,7 @@ what shrinking the step is about (issue 18); scripts/bench.py prints the split f
 """
 from __future__ import annotations
 
+import resource
 from typing import Callable
 
 # Operators whose self time is matrix multiplication or attention
@@ -15,6 +16,12 @@ ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention
 # Steps profiled for the breakdown: one step's shares moved by ±9 points between runs on a shared machine (a burst of
 # load lands on whichever ops run then); summed over three they are steadier.
 PROFILED_STEPS = 3
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel zeroed on first touch (~10 us apiece on the dev
+    VMs). A step that faults thousands of times is slower by that much, on whichever ops touch the new memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def profile_calls(step: Callable[[], None], steps: int, device_type: str = "cpu"):
