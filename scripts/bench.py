@@ -10,10 +10,11 @@ model and its best matmul instructions: AMX, AVX-512-BF16, AVX-512 or AVX2), gpu
 train_mfu (against the cached peak that training runs divide by). "vs base" (JSON: tokens_per_s_vs_baseline) is the
 median over rounds of the variant's tokens/s ÷ the baseline's in the same round (paired, so machine noise mostly
 cancels: quote this ratio rather than two absolute numbers). mfu_paired (the pMFU column) is the median over rounds
-of each round's steps against that round's own matmul pass. After the timed rounds three more steps per variant run
-under torch.profiler: `breakdown` splits their self time into matmul / attention / everything else (elementwise
-work, casts, copies, routing, the optimizer), printed under the table; --profile N also prints those steps' N most
-expensive operators by self time to stderr.
+of each round's steps against that round's own matmul pass. After the timed rounds three more steps per variant are
+timed operator by operator: `breakdown` splits them into matmul / attention / everything else (elementwise work,
+casts, copies, routing, the optimizer), printed under the table (eager CPU steps by a clock around each ATen call,
+compiled and GPU steps by torch.profiler: train/step_profile.py says why); --profile N also profiles three steps
+and prints their N most expensive operators by self time to stderr.
 """
 import json
 import sys
@@ -39,14 +40,14 @@ def format_table(results: list[dict]) -> str:
                  f"{r['torch']}; {r['steps']} timed steps per variant after {r['warmup']} warm-up; memory: "
                  f"{r['peak_mem_source']}; pMFU: median over rounds of the round's step against the round's "
                  f"own matmul pass")
-    lines.append(f"{r['breakdown']['profiled_steps']} profiled step(s) per variant (self time, torch.profiler): " + "; ".join(
+    lines.append(f"breakdown of {r['breakdown']['profiled_steps']} more step(s) per variant, op by op: " + "; ".join(
         f"{x['variant']} matmul {x['breakdown']['matmul_frac']:.0%} / attention {x['breakdown']['attention_frac']:.0%}"
         f" / everything else {x['breakdown']['other_frac']:.0%} of {x['breakdown']['profiled_ms']:.0f} ms per step"
-        for x in results))
-    lines.append("minor page faults per step, timed / profiled (the profiler's allocations fragment the heap; "
-                 "the profiled steps' extra faults show up as the ops that touch new memory): " + ", ".join(
-                     f"{x['variant']} {x['minor_faults_per_step']:,.0f} / "
-                     f"{x['breakdown']['minor_faults_per_step']:,.0f}" for x in results))
+        f" ({x['breakdown']['method']})" for x in results))
+    lines.append("minor page faults per step, timed / breakdown steps (torch.profiler's steps fault more: its "
+                 "allocations fragment the heap, and that time shows up as the ops that touch new memory): " +
+                 ", ".join(f"{x['variant']} {x['minor_faults_per_step']:,.0f} / "
+                           f"{x['breakdown']['minor_faults_per_step']:,.0f}" for x in results))
     gpu = f"; GPU {r['gpu']}" if r.get("gpu") else ""
     lines.append(f"CPU {r['cpu']} (matmul ISA {r['cpu_isa']}){gpu}; MFU as training logs it (vs the cached "
                  f"square-matmul peak {r['machine_peak_flops'] / 1e9:.1f} GFLOP/s): " +

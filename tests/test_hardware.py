@@ -196,14 +196,15 @@ def test_bench_table_names_the_cpu_and_its_matmul_isa():
            "peak_matmul_flops": 4e11, "peak_matmul_shape": [4096, 512, 1408, "forward"], "device": "cpu",
            "dtype": "bf16", "threads": 2, "torch": "2.x", "steps": 3, "warmup": 1, "peak_mem_source": "rss",
            "cpu": "Some Xeon", "cpu_isa": "AMX", "machine_peak_flops": 8e11, "train_mfu": 0.25,
-           "mfu_paired": 0.625,
+           "mfu_paired": 0.625, "minor_faults_per_step": 12.5,
            "breakdown": {"matmul_frac": 0.5, "attention_frac": 0.3, "other_frac": 0.2, "profiled_ms": 12.0,
-                         "profiled_steps": 3}}
+                         "profiled_steps": 3, "method": "op clock", "minor_faults_per_step": 40000.0}}
     lines = module.format_table([row]).splitlines()
     assert lines[-1].startswith("CPU Some Xeon (matmul ISA AMX)") and "800.0 GFLOP/s" in lines[-1]
     assert "swiglu 25.0%" in lines[-1]
-    assert lines[-2].startswith("3 profiled step(s) per variant")
-    assert "swiglu matmul 50% / attention 30% / everything else 20% of 12 ms per step" in lines[-2]
+    assert lines[-2].startswith("minor page faults per step") and lines[-2].endswith("swiglu 12 / 40,000")
+    assert lines[-3].startswith("breakdown of 3 more step(s) per variant")
+    assert "swiglu matmul 50% / attention 30% / everything else 20% of 12 ms per step (op clock)" in lines[-3]
     assert lines[2].split()[2:4] == ["50.0%", "62.5%"]  # MFU against the run's best peak, then the paired one
 
 
@@ -233,3 +234,27 @@ def test_step_breakdown_sorts_operators_into_matmul_attention_and_the_rest():
     over_two = step_breakdown(events + events, steps=2)  # two profiled steps: per-step times, the same shares
     assert (over_two["matmul_ms"], over_two["profiled_ms"], over_two["profiled_steps"]) == (0.5, 1.0, 2)
     assert over_two["other_frac"] == b["other_frac"]
+
+
+def test_op_clock_breakdown_times_top_level_aten_calls():
+    """time_ops sorts each top-level ATen call's wall time into matmul / attention / other, per step; nested calls
+    (inside SDPA) count as the caller's. Checked against a step whose matmul work dwarfs its elementwise work."""
+    import torch
+    import torch.nn.functional as F
+    from train.step_profile import time_ops
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    q = torch.randn(1, 2, 64, 16)
+
+    def step():
+        for _ in range(20):
+            torch.mm(a, b)
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        a.add(1.0)
+
+    out = time_ops(step, steps=2)
+    assert out["method"] == "op clock" and out["profiled_steps"] == 2
+    assert out["matmul_ms"] > 0 and out["attention_ms"] > 0 and out["other_ms"] > 0
+    assert abs(out["matmul_frac"] + out["attention_frac"] + out["other_frac"] - 1) < 1e-9
+    assert out["matmul_ms"] > out["other_ms"]  # 20 matmuls of 256^3 against one 256^2 add
+    assert abs(out["profiled_ms"] - (out["matmul_ms"] + out["attention_ms"] + out["other_ms"])) < 1e-9

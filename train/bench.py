@@ -23,8 +23,9 @@ backward), gradient clipping, optimizer step (train/optim.build_optimizer), rout
 over rounds of each round's steps against that round's own pass (on a shared machine the best pass catches a quiet
 moment and `mfu` reads low); `train_mfu` is against `machine_peak_flops`, the cached square-matmul peak the
 trainer's metrics.jsonl uses (train/hardware.py), so the two can be compared. `breakdown` splits PROFILED_STEPS
-profiled steps (after timing) into matmul / attention / everything else; `minor_faults_per_step` (timed, and in
-`breakdown` profiled) says how much of a step went to first touches of new memory.
+steps (after timing) into matmul / attention / everything else (train/step_profile.py: eager CPU steps by an op
+clock, compiled or GPU steps by torch.profiler, `method` says which); `minor_faults_per_step` (timed, and in
+`breakdown` for its steps) counts first touches of new memory.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from train.config_load import load_config, read_yaml
 from train.errors import ConfigError
 from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
 from train.runtime import clip_grad_norm, setup_runtime
-from train.step_profile import PROFILED_STEPS, minor_faults, op_table, profile_calls, step_breakdown
+from train.step_profile import PROFILED_STEPS, minor_faults, op_table, profile_calls, step_breakdown, time_ops
 
 REQUIRED_KEYS = ("variant", "tokens_per_s", "mfu", "peak_matmul_flops", "step_ms_median", "peak_mem_bytes")
 
@@ -258,6 +259,7 @@ class Variant:
     optimizer: torch.optim.Optimizer
     batches: list
     tokens_per_step: int
+    compile_mode: str = "off"
     times: dict = field(default_factory=lambda: {"step": [], "forward": [], "backward": [], "optimizer": []})
     peak_mem_bytes: int = 0
 
@@ -272,12 +274,13 @@ def build_variant(name: str, cfg: RunConfig, rt) -> Variant:
     torch.manual_seed(t.seed)
     model = MiniMindForCausalLM(cfg.model).to(rt.device).train()
     optimizer = build_optimizer(model, t)
-    step_model = compile_for_training(model, model, resolve_compile(t.compile, max(1, t.max_steps or 1)))
+    compile_mode = resolve_compile(t.compile, max(1, t.max_steps or 1))
+    step_model = compile_for_training(model, model, compile_mode)
     gen = torch.Generator().manual_seed(t.seed)
     shape = (t.micro_batch_size, cfg.model.max_seq_len)
     batches = [(torch.randint(0, vocab, shape, generator=gen).to(rt.device),
                 torch.randint(0, vocab, shape, generator=gen).to(rt.device)) for _ in range(t.grad_accum)]
-    return Variant(name, cfg, model, step_model, optimizer, batches, t.grad_accum * shape[0] * shape[1])
+    return Variant(name, cfg, model, step_model, optimizer, batches, t.grad_accum * shape[0] * shape[1], compile_mode)
 
 
 def train_step(v: Variant, rt) -> None:
@@ -351,20 +354,22 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
             ", ".join(f"{v.name} {v.times['step'][-1] * 1e3:.0f} ms" for v in variants) +
             f"; matmul peak so far {peak.best / 1e9:.1f} GFLOP/s")
     results = [_result(v, variants, plan, rt, peak, meter.source, machine_peak, round_peaks) for v in variants]
-    for v, r in zip(variants, results):  # after timing: the profiler's overhead never enters the timed steps
+    for v, r in zip(variants, results):  # after timing: neither clock's overhead enters the timed steps
         r["minor_faults_per_step"] = faults[v.name] / plan.steps
-        times, v.times = v.times, {k: [] for k in v.times}  # the profiled steps' timings are not recorded
+        times, v.times = v.times, {k: [] for k in v.times}  # the breakdown's steps are not recorded
+        step = lambda: train_step(v, rt)  # noqa: E731
         before = minor_faults()
-        prof = profile_calls(lambda: train_step(v, rt), PROFILED_STEPS, rt.device.type)
-        profiled_faults = minor_faults() - before
-        v.times = times
-        r["breakdown"] = step_breakdown(prof.events(), rt.device.type, PROFILED_STEPS)
-        # profiled steps page-fault where timed ones do not (the profiler's allocations fragment the heap); that
-        # time lands on the ops that touch new memory, mostly "everything else": recorded so it can be seen
-        r["breakdown"]["minor_faults_per_step"] = profiled_faults / PROFILED_STEPS
+        if rt.device.type == "cpu" and v.compile_mode == "off":  # the op clock: no profiler page faults
+            r["breakdown"] = time_ops(step, PROFILED_STEPS)
+        else:  # compiled code and device time: only the profiler sees them
+            r["breakdown"] = step_breakdown(profile_calls(step, PROFILED_STEPS, rt.device.type).events(),
+                                            rt.device.type, PROFILED_STEPS)
+        r["breakdown"]["minor_faults_per_step"] = (minor_faults() - before) / PROFILED_STEPS
         if profile_top:
+            prof = profile_calls(step, PROFILED_STEPS, rt.device.type)
             log(f"[bench] profile of {PROFILED_STEPS} steps of {v.name}:\n"
                 f"{op_table(prof, rt.device.type, profile_top)}")
+        v.times = times
     return results
 
 
