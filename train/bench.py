@@ -29,6 +29,7 @@ clock, compiled or GPU steps by torch.profiler, `method` says which); `minor_fau
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -42,8 +43,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from train.compiler import compile_for_training, resolve_compile
-from train.config import RunConfig, ffn_label
 from train.bench_memory import MemoryMeter
+from train.config import RunConfig, ffn_label
 from train.config_load import load_config, read_yaml
 from train.errors import ConfigError
 from train.hardware import cpu_info, device_name, matmul_peak_flops, time_best
@@ -290,16 +291,16 @@ def run_bench(plan: BenchPlan, profile_top: int = 0,
     for v, r in zip(variants, results):  # after timing: neither clock's overhead enters the timed steps
         r["minor_faults_per_step"] = faults[v.name] / plan.steps
         times, v.times = v.times, {k: [] for k in v.times}  # the breakdown's steps are not recorded
-        step = lambda: train_step(v, rt)  # noqa: E731
+        step, prof = functools.partial(train_step, v, rt), None
         before = minor_faults()
         if rt.device.type == "cpu" and v.compile_mode == "off":  # the op clock: no profiler page faults
             r["breakdown"] = time_ops(step, PROFILED_STEPS)
         else:  # compiled code and device time: only the profiler sees them
-            r["breakdown"] = step_breakdown(profile_calls(step, PROFILED_STEPS, rt.device.type).events(),
-                                            rt.device.type, PROFILED_STEPS)
+            prof = profile_calls(step, PROFILED_STEPS, rt.device.type)
+            r["breakdown"] = step_breakdown(prof.events(), rt.device.type, PROFILED_STEPS)
         r["breakdown"]["minor_faults_per_step"] = (minor_faults() - before) / PROFILED_STEPS
         if profile_top:
-            prof = profile_calls(step, PROFILED_STEPS, rt.device.type)
+            prof = prof or profile_calls(step, PROFILED_STEPS, rt.device.type)
             log(f"[bench] profile of {PROFILED_STEPS} steps of {v.name}:\n"
                 f"{op_table(prof, rt.device.type, profile_top)}")
         v.times = times

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+
 def _proc_status_kb(key: str) -> Optional[int]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -131,19 +131,12 @@ class WandbTracker:
         problems = []
         try:
             import wandb
-            self.id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            self.id = run_id or _new_run_id()
         except Exception as e:  # a broken install must not stop training either
             self._warn(f"wandb is unavailable ({_short(e)}); metrics are in metrics.jsonl only")
             return
-        # A timed-out online init can keep its run id registered in wandb's service even after teardown
-        # ("run ID ... is in use"), which would block the offline fallback under the same id: the fallback then gets
-        # one more try under a fresh id (the run's own history stays whole; only `wandb sync` sees two ids).
-        attempts = [(m, self.id) for m in modes] + ([("offline", None)] if len(modes) > 1 else [])
-        for mode, run_id_try in attempts:
-            if run_id_try is None:
-                if not problems or "in use" not in problems[-1]:
-                    break
-                run_id_try = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+        def start(mode: str, run_id_try: str) -> bool:
             try:
                 self.run = wandb.init(
                     project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
@@ -151,13 +144,20 @@ class WandbTracker:
                     id=run_id_try, resume="allow", dir=wandb_dir, mode=mode, config=config,
                     settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout, console="off"))
                 self.id = run_id_try
-                break
+                return True
             except Exception as e:
                 problems.append(f"{mode}: {_short(e)}")
                 try:  # a failed init can keep the run id registered ("run ID ... is in use") and block the fallback
                     wandb.teardown()
                 except Exception:
                     pass
+                return False
+
+        if not any(start(mode, self.id) for mode in modes) and len(modes) > 1 and "in use" in problems[-1]:
+            # A timed-out online init can keep its run id registered in wandb's service even after teardown, which
+            # blocks the offline fallback under the same id: one more try under a fresh id (the run's own history
+            # stays whole; only `wandb sync` sees two ids).
+            start("offline", _new_run_id())
         if self.run is None:
             self._warn(f"wandb could not start ({'; '.join(problems)}); metrics are in metrics.jsonl only")
             return
@@ -197,6 +197,10 @@ class WandbTracker:
     def finish(self, exit_code: int = 0) -> None:
         self._guard(lambda: self.run.finish(exit_code=exit_code))
         self.run = None
+
+
+def _new_run_id() -> str:
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _short(e: BaseException) -> str:
